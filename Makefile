@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` and `make test`. Each sets itself up on a fresh
+# machine: a virtualenv in .venv, torch first (the CPU wheel where there is no NVIDIA GPU), then
+# this package with its test extra.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test lint demo clean-cache
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install --quiet torch; \
+	else \
+		$(BIN)/python -m pip install --quiet torch==$(TORCH_CPU_VERSION); \
+	fi
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -ra
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+demo: $(STAMP)
+	$(BIN)/python examples/geo3k_vlm_multi_turn/run_geo3k_vlm_multi_turn.py --backend local --demo
+
+clean-cache:
+	rm -rf .cache

@@ -1,0 +1,49 @@
+"""Suite-wide settings and session-scoped fixtures (tiny offline models are built once, cached)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+hf_logging.disable_progress_bar()
+hf_logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="session")
+def qwen25_policy():
+    from models import load_policy
+
+    return load_policy("tiny-qwen2.5-vl", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def qwen3_policy():
+    from models import load_policy
+
+    return load_policy("tiny-qwen3-vl", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def qwen25_small_policy():
+    from models import load_policy
+
+    return load_policy("tiny-qwen2.5-vl-small-vocab", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def qwen3_small_policy():
+    from models import load_policy
+
+    return load_policy("tiny-qwen3-vl-small-vocab", device="cpu")
+
+
+@pytest.fixture(params=["qwen25_policy", "qwen3_policy"])
+def any_policy(request):
+    return request.getfixturevalue(request.param)
