@@ -1,0 +1,351 @@
+"""Geometry3K interaction environment: the ``calc_score`` tool tells the model whether its answer is right.
+
+One episode, up to ``max_turns`` model turns. Each turn the model either
+
+- calls ``calc_score`` (alias ``calc_geo3k_reward``) with one argument, ``answer``: the answer is
+  graded against ``sample.label`` and the feedback names the answer and says whether it matched.
+  A correct answer ends the episode (``end_on_correct``). A wrong one continues; the feedback on
+  turn ``max_turns - 1`` says this is the last chance and asks for ``Answer: \\boxed{...}``;
+- writes a malformed call: the feedback says what was wrong and gives the exact expected syntax;
+  the turn is used up;
+- writes no tool call: the episode ends, and the response's last ``\\boxed{}`` answer, if any, is
+  graded (``grade_final_answer``).
+
+The reward is :attr:`Geo3kEnv.outcome` (``outcome.score`` is 1.0 once any graded answer was
+correct), never text parsed from the conversation: feedback strings never contain the label.
+
+``step`` is synchronous (run it with :func:`envs.base.call_step` from asyncio), never raises on
+model text, and returns within the grading timeout plus the wait for a free grading worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from envs.base import BaseInteractionEnv, EnvConfigError, did_you_mean
+from envs.grading import Grader, GradeResult, GradeStatus, extract_boxed, get_default_grader
+from envs.tool_calls import ToolCallError, ToolCallErrorKind, ToolSpec, format_call, parse_tool_call
+
+__all__ = [
+    "TOOL_ALIASES",
+    "TOOL_NAME",
+    "TOOL_SCHEMA",
+    "TOOLS",
+    "Geo3kEnv",
+    "Geo3kOutcome",
+    "Geo3kSettings",
+    "build_env",
+]
+
+TOOL_NAME = "calc_score"
+#: verl's name for the same tool; the dataset's instructions say calc_score.
+TOOL_ALIASES = ("calc_geo3k_reward",)
+
+#: The tool in OpenAI function format, as chat templates take it (``tools=TOOLS``).
+TOOL_SCHEMA: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": TOOL_NAME,
+        "description": (
+            "Check an answer to the geometry problem. Returns whether the answer is correct. "
+            'Give the final value only, e.g. "7/2", "2\\\\sqrt{3}", "60".'
+        ),
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "answer": {
+                    "type": "string",
+                    "description": "The answer: a number or closed-form expression, without units.",
+                }
+            },
+            "required": ["answer"],
+        },
+    },
+}
+TOOLS: list[dict[str, Any]] = [TOOL_SCHEMA]
+
+_TOOL_SPECS = (ToolSpec.from_schema(TOOL_SCHEMA, aliases=TOOL_ALIASES),)
+_EXPECTED_CALL = format_call(TOOL_NAME, {"answer": "<your answer>"})
+#: Longest answer quoted back in feedback; longer ones are cut with "...".
+_QUOTE_CHARS = 120
+_FEEDBACK_ROLES = ("tool", "user")
+
+
+@dataclass(frozen=True)
+class Geo3kSettings:
+    """Validated settings; see :meth:`from_args` for where each value comes from."""
+
+    max_turns: int = 3
+    end_on_correct: bool = True
+    grade_final_answer: bool = True
+    grading_timeout_s: float = 5.0
+    #: Role of feedback messages: "tool" (rendered as a tool response) or "user".
+    feedback_role: str = "tool"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_turns, bool) or not isinstance(self.max_turns, int) or self.max_turns < 1:
+            raise EnvConfigError(
+                f"Geo3kEnv setting 'max_turns' must be an integer >= 1, got {self.max_turns!r}; "
+                "set max_turns in the rollout config or pass max_turns=N to build_env"
+            )
+        for key in ("end_on_correct", "grade_final_answer"):
+            value = getattr(self, key)
+            if not isinstance(value, bool):
+                raise EnvConfigError(f"Geo3kEnv setting '{key}' must be true or false, got {value!r}")
+        timeout = self.grading_timeout_s
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            raise EnvConfigError(
+                f"Geo3kEnv setting 'grading_timeout_s' must be a positive number of seconds, got {timeout!r}"
+            )
+        if self.feedback_role not in _FEEDBACK_ROLES:
+            raise EnvConfigError(
+                f"Geo3kEnv setting 'feedback_role' must be one of {', '.join(_FEEDBACK_ROLES)}, "
+                f"got {self.feedback_role!r}"
+            )
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_args(cls, args: Any = None, **overrides: Any) -> Geo3kSettings:
+        """Defaults, then ``args.max_turns`` (slime's config, when set), then ``overrides``."""
+        values: dict[str, Any] = {}
+        max_turns = getattr(args, "max_turns", None) if args is not None else None
+        if max_turns is not None:
+            values["max_turns"] = max_turns
+        values.update(overrides)
+        _reject_unknown(values, cls.names())
+        return cls(**values)
+
+
+def _reject_unknown(values: dict[str, Any], valid: list[str]) -> None:
+    for key in values:
+        if key not in valid:
+            raise EnvConfigError(
+                f"unknown Geo3kEnv setting '{key}'.{did_you_mean(key, valid)} Valid settings: {', '.join(valid)}"
+            )
+
+
+@dataclass
+class Geo3kOutcome:
+    """What the episode achieved; the reward function reads this, never the feedback text."""
+
+    #: 1.0 once any graded answer (tool call or final answer) was correct, else 0.0.
+    score: float = 0.0
+    #: Answers submitted for grading: executed tool calls plus a graded final answer.
+    attempts: int = 0
+    #: 1-based turn of the first correct answer, or None.
+    solved_at_turn: int | None = None
+    valid_tool_calls: int = 0
+    invalid_tool_calls: int = 0
+    turns: int = 0
+    #: The last answer submitted for grading, as the model wrote it.
+    last_answer: str | None = None
+    #: GradeStatus value of every attempt, in order ("correct", "not graded: timeout", ...).
+    grade_statuses: list[str] = field(default_factory=list)
+    #: "correct", "no_tool_call" or "max_turns" once the episode is over.
+    done_reason: str | None = None
+
+    @property
+    def grader_unavailable(self) -> bool:
+        """True if an answer went ungraded because of the grader, not the answer."""
+        return GradeStatus.UNAVAILABLE.value in self.grade_statuses
+
+
+class Geo3kEnv(BaseInteractionEnv):
+    """The calc_score environment for one Geometry3K problem (see the module docstring)."""
+
+    def __init__(
+        self, label: str, settings: Geo3kSettings | None = None, *, grader: Grader | None = None
+    ) -> None:
+        if not isinstance(label, str) or not label.strip():
+            raise EnvConfigError(f"Geo3kEnv needs the reference answer as a non-empty string, got {label!r}")
+        self.label = label
+        self.settings = settings or Geo3kSettings()
+        self.role = self.settings.feedback_role
+        self.tools: list[dict[str, Any]] = copy.deepcopy(TOOLS)
+        self._grader = grader if grader is not None else get_default_grader()
+        # Workers start now, while the model generates its first turn.
+        self._grader.start()
+        self.outcome = Geo3kOutcome()
+        self.turn = 0
+        self.done = False
+
+    # -- protocol --------------------------------------------------------------------------------
+
+    def reset(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        self.outcome = Geo3kOutcome()
+        self.turn = 0
+        self.done = False
+        # The question and its images are in the prompt; there is no initial observation.
+        return {}, {"max_turns": self.settings.max_turns, "tools": [TOOL_NAME, *TOOL_ALIASES]}
+
+    def step(self, response_text: str) -> tuple[dict[str, Any], bool, dict[str, Any]]:
+        if not isinstance(response_text, str):
+            raise TypeError(
+                f"Geo3kEnv.step takes the model's text as str, got {type(response_text).__name__}"
+            )
+        if self.done:
+            raise RuntimeError("Geo3kEnv.step called after the episode ended; call reset() first")
+        self.turn += 1
+        self.outcome.turns = self.turn
+        info: dict[str, Any] = {
+            "turn": self.turn,
+            "tool_executed": False,
+            "answer": None,
+            "score": None,
+            "grade_status": None,
+            "error": None,
+            "error_kind": None,
+            "ignored_tool_calls": 0,
+        }
+        parsed = parse_tool_call(response_text, _TOOL_SPECS)
+        info["ignored_tool_calls"] = parsed.ignored_blocks
+        if parsed.error is not None and parsed.error.kind is ToolCallErrorKind.NO_BLOCK:
+            text = self._final_answer(response_text, info)
+            return self._finish(text, "no_tool_call", info)
+
+        answer, error = (
+            (None, parsed.error) if parsed.call is None else _answer_argument(parsed.call.arguments)
+        )
+        if error is not None or answer is None:
+            assert error is not None
+            self.outcome.invalid_tool_calls += 1
+            info["error"] = error.message
+            info["error_kind"] = error.kind.value
+            text = f"Your tool call was not run: {error.message}. The expected format is:\n{_EXPECTED_CALL}\n"
+        else:
+            self.outcome.valid_tool_calls += 1
+            info["tool_executed"] = True
+            result = self._grade(answer, info)
+            if result.correct:
+                text = f"{TOOL_NAME}: your answer {_quote(answer)} is correct."
+                if self.settings.end_on_correct:
+                    return self._finish(text, "correct", info)
+                text += " You may now state your final answer."
+            elif result.status is GradeStatus.INCORRECT:
+                text = (
+                    f"{TOOL_NAME}: your answer {_quote(answer)} is incorrect. Check your reasoning and try "
+                    "a different approach instead of repeating the same answer."
+                )
+            else:
+                info["error"] = result.detail
+                text = (
+                    f"{TOOL_NAME} could not grade your answer {_quote(answer)} ({result.detail}). "
+                    "Give the answer as a single number or expression, such as 7/2, 2\\sqrt{3} or 60."
+                )
+        if parsed.ignored_blocks:
+            text = _sentence(
+                text,
+                f"Only your first tool call was run; {parsed.ignored_blocks} later call(s) were ignored.",
+            )
+        if self.turn >= self.settings.max_turns:
+            return self._finish(text, "max_turns", info)
+        if self.turn == self.settings.max_turns - 1:
+            text = _sentence(
+                text,
+                "This is your last chance: do not call the tool again. Reply with your final answer "
+                "in the form Answer: \\boxed{...}",
+            )
+        else:
+            text = _sentence(text, f"You have {self.settings.max_turns - self.turn} turns left.")
+        return self._observation(text), False, info
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _grade(self, answer: str, info: dict[str, Any]) -> GradeResult:
+        result = self._grader.grade(answer, self.label, timeout_s=self.settings.grading_timeout_s)
+        self.outcome.attempts += 1
+        self.outcome.last_answer = answer
+        self.outcome.grade_statuses.append(result.status.value)
+        if result.correct and self.outcome.solved_at_turn is None:
+            self.outcome.solved_at_turn = self.turn
+            self.outcome.score = 1.0
+        info.update(answer=answer, score=result.score, grade_status=result.status.value)
+        return result
+
+    def _final_answer(self, response_text: str, info: dict[str, Any]) -> str:
+        answer = extract_boxed(response_text)
+        if answer is None or not answer.strip():
+            return "No tool call found; the episode is over."
+        if not self.settings.grade_final_answer:
+            info["answer"] = answer
+            return "No tool call found; the episode is over (final answers are not graded)."
+        result = self._grade(answer, info)
+        verdict = (
+            "correct" if result.correct else "incorrect" if result.status.graded else result.status.value
+        )
+        return f"No tool call found; the episode is over. Final answer {_quote(answer)}: {verdict}."
+
+    def _finish(
+        self, text: str, reason: str, info: dict[str, Any]
+    ) -> tuple[dict[str, Any], bool, dict[str, Any]]:
+        self.done = True
+        self.outcome.done_reason = reason
+        info["done_reason"] = reason
+        return self._observation(text), True, info
+
+    def _observation(self, text: str) -> dict[str, Any]:
+        return {"obs_str": text, "role": self.settings.feedback_role}
+
+
+def _answer_argument(arguments: dict[str, Any]) -> tuple[str | None, ToolCallError | None]:
+    value = arguments["answer"]
+    if isinstance(value, str):
+        return value.strip(), None
+    # Models often write {"answer": 3.5}; a number is unambiguous, so take it.
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return json.dumps(value), None
+    kind = "boolean" if isinstance(value, bool) else "array" if isinstance(value, list) else "object"
+    if isinstance(value, float):
+        kind = "non-finite number"
+    return None, ToolCallError(
+        ToolCallErrorKind.INVALID_ARGUMENTS,
+        f'the argument "answer" must be a string such as "7/2", got a JSON {kind}',
+    )
+
+
+def _quote(answer: str) -> str:
+    # Quoted as written (no JSON escaping): the model should see its own LaTeX unchanged.
+    if len(answer) > _QUOTE_CHARS:
+        answer = answer[:_QUOTE_CHARS] + "..."
+    return f'"{answer}"'
+
+
+def _sentence(text: str, sentence: str) -> str:
+    return f"{text}{sentence}" if text.endswith("\n") else f"{text} {sentence}"
+
+
+def _label_of(sample: Any) -> str:
+    if sample is None:
+        raise EnvConfigError(
+            "Geo3kEnv needs a sample with the reference answer in sample.label; got sample=None"
+        )
+    label = getattr(sample, "label", None)
+    if label is None or not str(label).strip():
+        raise EnvConfigError(
+            f"Geo3kEnv needs the reference answer in sample.label, got {label!r}; check the dataset's "
+            "label key (the geo3k parquet column is 'answer', slime's --label-key answer)"
+        )
+    return str(label)
+
+
+def build_env(sample: Any = None, args: Any = None, **kwargs: Any) -> Geo3kEnv:
+    """Build the env for one episode: the label from ``sample.label``, ``max_turns`` from
+    ``args.max_turns``; keyword arguments override settings (see :class:`Geo3kSettings`) and may pass
+    ``grader=`` (a :class:`envs.grading.Grader`; the process-wide default otherwise)."""
+    grader = kwargs.pop("grader", None)
+    valid = [*Geo3kSettings.names(), "grader"]
+    _reject_unknown(kwargs, valid)
+    settings = Geo3kSettings.from_args(args, **kwargs)
+    return Geo3kEnv(_label_of(sample), settings, grader=grader)

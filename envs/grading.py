@@ -1,0 +1,543 @@
+"""Answer grading with math-verify, in worker processes with a hard per-answer timeout.
+
+Why worker processes: math-verify can take unbounded time on hostile answers (``\\boxed{10^{10^{10^
+{10}}}}`` makes sympy build a number with 10^10 digits), and its own timeout uses ``SIGALRM``, which
+only works in the main thread. Here every answer is graded in the main thread of a worker process
+with math-verify's timeouts disabled; the parent waits at most ``timeout_s`` for the reply and kills
+and replaces a worker that overruns or dies. Workers start with the ``spawn`` method (the parent may
+hold torch threads, which ``fork`` would copy in a broken state). With ``spawn``, a worker re-imports
+the parent's main script, so scripts that grade must keep their top-level work under
+``if __name__ == "__main__":`` (as every multiprocessing program must).
+
+Usage::
+
+    grader = get_default_grader()                      # process-wide, started lazily
+    result = grader.grade("\\boxed{2\\sqrt{3}}", "2\\sqrt{3}")
+    result = await grader.grade_async(answer, label)    # from asyncio, without blocking the loop
+    result.score, result.status, result.parsed_answer, result.elapsed_s
+
+:meth:`Grader.grade` never raises because of the answer; a :class:`GradeResult` always comes back.
+Its ``status`` says whether the answer was graded; every status other than CORRECT scores 0.
+The time a call spends waiting for a free worker does not count against the answer's timeout (a
+busy pool must not turn a correct answer into a timeout); it is bounded by ``wait_timeout_s``.
+
+Answers may be bare (``7/2``, ``60^\\circ``, ``x = 5``) or contain ``\\boxed{...}``, whose content
+(nested braces included) is what gets graded; see :func:`extract_boxed` and :func:`prepare_answer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import math
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from multiprocessing.connection import Connection
+from typing import Any
+
+__all__ = [
+    "GradeResult",
+    "GradeStatus",
+    "Grader",
+    "close_default_grader",
+    "extract_boxed",
+    "get_default_grader",
+    "prepare_answer",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_WORKERS = 2
+#: Longest \boxed{} content looked at; a longer one is not an answer, and the cap keeps
+#: extraction linear on hostile text.
+MAX_BOXED_CHARS = 4096
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+#: How many \boxed occurrences, from the last one backwards, are tried before giving up.
+_MAX_BOX_TRIES = 16
+
+
+class GradeStatus(str, Enum):
+    CORRECT = "correct"
+    INCORRECT = "incorrect"
+    TIMEOUT = "not graded: timeout"
+    PARSE_ERROR = "not graded: parse error"
+    WORKER_CRASHED = "not graded: worker crashed"
+    #: The grader could not take the answer: closed, or no worker became free in wait_timeout_s.
+    UNAVAILABLE = "not graded: grader unavailable"
+
+    @property
+    def graded(self) -> bool:
+        return self in (GradeStatus.CORRECT, GradeStatus.INCORRECT)
+
+
+@dataclass(frozen=True)
+class GradeResult:
+    score: float
+    status: GradeStatus
+    #: The answer as math-verify read it ("" when it could not be read).
+    parsed_answer: str
+    #: Wall time of the whole grade call, waiting for a worker included.
+    elapsed_s: float
+    #: Why an answer was not graded, in words; None when it was graded.
+    detail: str | None = None
+
+    @property
+    def correct(self) -> bool:
+        return self.status is GradeStatus.CORRECT
+
+
+# ---------------------------------------------------------------------------------------------
+# Answer extraction (runs in the caller's process; linear time)
+
+
+def extract_boxed(text: str) -> str | None:
+    """Content of the last complete ``\\boxed{...}`` (or ``\\fbox{...}``) in ``text``, else None.
+
+    Nested braces are matched (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``); escaped braces
+    ``\\{`` and ``\\}`` do not count. ``\\boxed 5`` (no braces) gives ``5``. If the last occurrence is
+    unterminated (a truncated response), earlier ones are tried.
+    """
+    end = len(text)
+    for _ in range(_MAX_BOX_TRIES):
+        start, command = -1, ""
+        for candidate in _BOX_COMMANDS:
+            found = text.rfind(candidate, 0, end)
+            if found > start:
+                start, command = found, candidate
+        if start < 0:
+            return None
+        content = _command_argument(text, start + len(command))
+        if content is not None:
+            return content
+        end = start
+    return None
+
+
+def _command_argument(text: str, pos: int) -> str | None:
+    n = len(text)
+    arg = pos
+    while arg < n and text[arg] in " \t\r\n":
+        arg += 1
+    if arg >= n:
+        return None
+    if text[arg] != "{":
+        # "\boxed 5" takes one token; "\boxedfoo" is a different command.
+        if arg == pos:
+            return None
+        stop = arg
+        while stop < n and stop - arg < MAX_BOXED_CHARS and not text[stop].isspace() and text[stop] != "$":
+            stop += 1
+        return text[arg:stop]
+    depth = 0
+    limit = min(n, arg + MAX_BOXED_CHARS + 2)
+    i = arg
+    while i < limit:
+        char = text[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[arg + 1 : i]
+        i += 1
+    return None
+
+
+_MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+
+
+def prepare_answer(text: str) -> str:
+    """The string actually graded: the last ``\\boxed{}`` content if any, else the text itself,
+    stripped of math delimiters and a trailing period, with ``°`` written as ``^\\circ``."""
+    answer = text.strip()
+    boxed = extract_boxed(answer)
+    if boxed is not None:
+        answer = boxed.strip()
+    for left, right in _MATH_DELIMITERS:
+        if len(answer) >= len(left) + len(right) and answer.startswith(left) and answer.endswith(right):
+            answer = answer[len(left) : len(answer) - len(right)].strip()
+            break
+    answer = answer.rstrip(".").strip()
+    # math-verify reads "60^\circ" inside \boxed{} but not "60°".
+    return answer.replace("°", "^\\circ")
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker process side
+
+
+def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
+    # Ctrl-C reaches the whole process group; the parent decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent()
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    from math_verify import parse, verify
+
+    def parse_math(answer: str) -> list[Any]:
+        # \boxed{} wrapping reads most forms; "$...$" reads a few that \boxed{} reads as plain text.
+        fallback: list[Any] = []
+        for wrapped in (f"\\boxed{{{answer}}}", f"${answer}$"):
+            parsed = parse(wrapped, parsing_timeout=None)
+            if any(not isinstance(item, str) for item in parsed):
+                return parsed
+            fallback = fallback or parsed
+        return fallback
+
+    def grade(answer: str, label: str) -> tuple[str, str, str | None]:
+        gold = parse_math(label)
+        if not gold:
+            return (
+                GradeStatus.PARSE_ERROR.value,
+                "",
+                f"the reference answer {label[:80]!r} could not be parsed",
+            )
+        pred = parse_math(answer)
+        if not pred:
+            return (
+                GradeStatus.PARSE_ERROR.value,
+                "",
+                f"{answer[:80]!r} could not be read as a math expression",
+            )
+        shown = str(pred[-1]) if isinstance(pred[-1], str) else str(pred[0])
+        ok = verify(gold, pred, timeout_seconds=None)
+        return (GradeStatus.CORRECT if ok else GradeStatus.INCORRECT).value, shown, None
+
+    grade("1", "1")  # import sympy and fill math-verify's caches before reporting ready
+    _limit_memory(memory_limit_mb)
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        if request is None:
+            return
+        try:
+            reply: tuple[str, str, str | None] = grade(*request)
+        except MemoryError:
+            reply = (
+                GradeStatus.WORKER_CRASHED.value,
+                "",
+                f"grading ran out of memory ({memory_limit_mb} MiB)",
+            )
+        except Exception as exc:  # math-verify swallows most errors; anything else is a parse failure
+            reply = (GradeStatus.PARSE_ERROR.value, "", f"{type(exc).__name__}: {str(exc)[:200]}")
+        conn.send(reply)
+
+
+def _exit_with_parent() -> None:
+    """Exit when the parent dies, even mid-computation (daemon workers only die with a live parent)."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _limit_memory(memory_limit_mb: int | None) -> None:
+    """Cap the worker's address space at its current size plus ``memory_limit_mb`` (Linux)."""
+    if not memory_limit_mb:
+        return
+    try:
+        import resource
+
+        with open("/proc/self/statm") as statm:
+            current = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        limit = current + memory_limit_mb * 2**20
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, OSError, ValueError):
+        pass  # not Linux, or not permitted: grading still works, without the cap
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent side
+
+
+class _WorkerGone(Exception):
+    pass
+
+
+class _Worker:
+    def __init__(self, ctx: Any, memory_limit_mb: int | None) -> None:
+        self.conn, child_conn = ctx.Pipe(duplex=True)
+        self.process = ctx.Process(
+            target=_worker_main,
+            args=(child_conn, memory_limit_mb),
+            name="envs-grading-worker",
+            daemon=True,
+        )
+        self.process.start()
+        child_conn.close()
+        self.ready = False
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once the worker has imported math-verify; False if not within ``timeout``."""
+        if self.ready:
+            return True
+        try:
+            if not self.conn.poll(max(0.0, timeout)):
+                return False
+            self.conn.recv()
+        except (EOFError, OSError) as exc:
+            raise _WorkerGone(f"worker pid {self.process.pid} exited while starting") from exc
+        self.ready = True
+        return True
+
+    def kill(self) -> None:
+        try:
+            self.process.kill()
+            self.process.join(timeout=5)
+        except (OSError, ValueError, AttributeError):
+            pass
+        self.conn.close()
+
+
+class Grader:
+    """A pool of math-verify worker processes; thread-safe, usable from asyncio.
+
+    Workers start on first use (or :meth:`start`); :meth:`close` (also run at interpreter exit)
+    kills them. ``timeout_s`` is the hard limit on one answer's grading; ``wait_timeout_s`` bounds the
+    wait for a free worker; ``memory_limit_mb`` caps each worker's extra address space.
+    """
+
+    def __init__(
+        self,
+        workers: int = DEFAULT_WORKERS,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        wait_timeout_s: float = 120.0,
+        start_method: str = "spawn",
+        memory_limit_mb: int | None = 2048,
+        max_answer_chars: int = 1000,
+    ) -> None:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"Grader workers must be an integer >= 1, got {workers!r}")
+        _check_timeout("timeout_s", timeout_s)
+        _check_timeout("wait_timeout_s", wait_timeout_s)
+        if start_method not in ("spawn", "forkserver"):
+            raise ValueError(
+                f"Grader start_method must be 'spawn' or 'forkserver', got {start_method!r} "
+                "('fork' would copy the parent's threads into the worker)"
+            )
+        self.workers = workers
+        self.timeout_s = float(timeout_s)
+        self.wait_timeout_s = float(wait_timeout_s)
+        self.start_method = start_method
+        self.memory_limit_mb = memory_limit_mb
+        self.max_answer_chars = max_answer_chars
+        self._ctx = multiprocessing.get_context(start_method)
+        self._lock = threading.Lock()
+        self._idle: queue.Queue[_Worker] = queue.Queue()
+        self._all: set[_Worker] = set()
+        self._started = False
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> Grader:
+        """Start the worker processes (without waiting for them). Idempotent."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this Grader is closed; create a new one")
+            if self._started:
+                return self
+            self._started = True
+            atexit.register(self.close)
+            for _ in range(self.workers):
+                self._spawn_locked()
+        return self
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Start the workers and block until each has imported math-verify (for warm-ups/tests)."""
+        self.start()
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            workers = list(self._all)
+        for worker in workers:
+            try:
+                ready = worker.wait_ready(deadline - time.monotonic())
+            except _WorkerGone:
+                continue  # a replacement is spawned when a caller picks the dead one up
+            if not ready:
+                raise TimeoutError(f"grading workers did not start within {timeout_s} s")
+
+    def close(self) -> None:
+        """Kill all workers. Grading calls in flight return UNAVAILABLE. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            workers = list(self._all)
+            self._all.clear()
+        atexit.unregister(self.close)
+        for worker in workers:
+            worker.kill()
+
+    def __enter__(self) -> Grader:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the current workers (for monitoring and tests)."""
+        with self._lock:
+            return [w.process.pid for w in self._all if w.process.pid is not None]
+
+    # -- grading --------------------------------------------------------------------------------
+
+    def grade(self, answer: str, label: str, *, timeout_s: float | None = None) -> GradeResult:
+        """Grade ``answer`` against ``label``; blocks for at most the wait plus ``timeout_s``."""
+        started = time.monotonic()
+        if not isinstance(answer, str) or not isinstance(label, str):
+            raise TypeError(
+                f"grade(answer, label) takes two str, got {type(answer).__name__} and {type(label).__name__}"
+            )
+        timeout = self.timeout_s if timeout_s is None else _check_timeout("timeout_s", timeout_s)
+
+        def result(status: GradeStatus, parsed: str = "", detail: str | None = None) -> GradeResult:
+            score = 1.0 if status is GradeStatus.CORRECT else 0.0
+            return GradeResult(score, status, parsed, time.monotonic() - started, detail)
+
+        prepared, gold = prepare_answer(answer), prepare_answer(label)
+        if not prepared:
+            return result(GradeStatus.PARSE_ERROR, detail="the answer is empty")
+        if len(prepared) > self.max_answer_chars:
+            return result(
+                GradeStatus.PARSE_ERROR,
+                detail=f"the answer is {len(prepared)} characters long (at most {self.max_answer_chars})",
+            )
+        if not gold:
+            return result(GradeStatus.PARSE_ERROR, detail="the reference answer is empty")
+        try:
+            self.start()
+        except RuntimeError:
+            return result(GradeStatus.UNAVAILABLE, detail="the grader is closed")
+
+        worker = self._acquire(started + self.wait_timeout_s)
+        if worker is None:
+            return result(
+                GradeStatus.UNAVAILABLE,
+                detail="the grader is closed"
+                if self._closed
+                else f"no grading worker free within {self.wait_timeout_s:g} s",
+            )
+        try:
+            worker.conn.send((prepared, gold))
+            if not worker.conn.poll(timeout):
+                self._replace(worker)
+                return result(GradeStatus.TIMEOUT, detail=f"grading took longer than {timeout:g} s")
+            status, parsed, detail = worker.conn.recv()
+        except (EOFError, OSError):
+            self._replace(worker)
+            if self._closed:
+                return result(GradeStatus.UNAVAILABLE, detail="the grader was closed while grading")
+            code = worker.process.exitcode
+            return result(GradeStatus.WORKER_CRASHED, detail=f"the grading worker died (exit code {code})")
+        self._release(worker)
+        return result(GradeStatus(status), parsed, detail)
+
+    async def grade_async(self, answer: str, label: str, *, timeout_s: float | None = None) -> GradeResult:
+        """:meth:`grade` in a thread, so the event loop keeps running while the worker grades."""
+        return await asyncio.to_thread(self.grade, answer, label, timeout_s=timeout_s)
+
+    # -- pool internals -------------------------------------------------------------------------
+
+    def _spawn_locked(self) -> None:
+        worker = _Worker(self._ctx, self.memory_limit_mb)
+        self._all.add(worker)
+        self._idle.put(worker)
+
+    def _acquire(self, deadline: float) -> _Worker | None:
+        # Consecutive workers found dead while starting; a few in a row means they cannot start.
+        dead_on_start = 0
+        while not self._closed:
+            try:
+                worker = self._idle.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                return None
+            try:
+                if worker.wait_ready(deadline - time.monotonic()):
+                    if not worker.process.is_alive():
+                        # Died while idle (killed from outside, OOM): not this answer's fault.
+                        raise _WorkerGone(f"worker pid {worker.process.pid} died while idle")
+                    return worker
+                self._idle.put(worker)  # still starting; the next caller waits on it
+                return None
+            except _WorkerGone:
+                self._replace(worker)
+                dead_on_start += 1
+                if dead_on_start >= 3:
+                    logger.error("grading workers exit while starting; see their stderr above")
+                    return None
+        return None
+
+    def _release(self, worker: _Worker) -> None:
+        with self._lock:
+            if worker in self._all:
+                self._idle.put(worker)
+                return
+        worker.kill()
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.kill()
+        with self._lock:
+            self._all.discard(worker)
+            if not self._closed:
+                self._spawn_locked()
+
+
+def _check_timeout(name: str, value: Any) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+_default_grader: Grader | None = None
+_default_lock = threading.Lock()
+
+
+def get_default_grader() -> Grader:
+    """The process-wide grader (2 workers, 5 s timeout), created on first call; workers start on
+    first grade. A closed default grader is replaced by a fresh one."""
+    global _default_grader
+    with _default_lock:
+        if _default_grader is None or _default_grader.closed:
+            _default_grader = Grader()
+        return _default_grader
+
+
+def close_default_grader() -> None:
+    """Close the process-wide grader, if one was created (it is also closed at exit)."""
+    global _default_grader
+    with _default_lock:
+        grader, _default_grader = _default_grader, None
+    if grader is not None:
+        grader.close()
