@@ -1,0 +1,137 @@
+"""The plugin's settings: one validated object read from slime's ``args`` or from the YAML file.
+
+slime merges each top-level key of ``--custom-config-path`` into ``args`` with ``setattr`` and no
+schema, so a typo silently becomes a new attribute and a missing key raises AttributeError. We read
+the YAML ourselves when its path is known (every key validated, unknown keys rejected with the
+nearest valid name) and otherwise take the known keys from ``args`` with defaults.
+
+``image_token_mode``: SGLang's Qwen-VL path accepts a prompt with either one ``<|image_pad|>`` per
+image or the processor's expanded run. slime's patched SGLang re-tokenizes expanded ids, and the
+expanded form is only right when SGLang's own resize yields our token count; otherwise the model
+"cannot see" images on later turns (slime issues #1847, #2388). ``single_pad`` (default) sends one
+pad per image and lets the server expand it; the training sequence always holds the expanded run.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from envs.base import did_you_mean
+
+IMAGE_TOKEN_MODES = ("single_pad", "expanded")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    max_turns: int = 3
+    rollout_interaction_env_path: str = "envs.geo3k"
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    max_tokens_per_turn: int | None = None
+    image_token_mode: str = "single_pad"
+    tools_in_prompt: bool = False
+    request_timeout_s: float = 600.0
+    request_max_retries: int = 3
+    request_retry_backoff_s: float = 1.0
+    env_step_threads: int = 64
+
+    def __post_init__(self) -> None:
+        _check_type("max_turns", self.max_turns, int)
+        if self.max_turns < 1:
+            raise ConfigError(f"max_turns must be >= 1, got {self.max_turns}")
+        _check_type("rollout_interaction_env_path", self.rollout_interaction_env_path, str)
+        if not self.rollout_interaction_env_path.strip():
+            raise ConfigError("rollout_interaction_env_path must name an env module or .py file, got ''")
+        _check_type("env_kwargs", self.env_kwargs, dict)
+        if self.max_tokens_per_turn is not None:
+            _check_type("max_tokens_per_turn", self.max_tokens_per_turn, int)
+            if self.max_tokens_per_turn < 1:
+                raise ConfigError(f"max_tokens_per_turn must be >= 1 or null, got {self.max_tokens_per_turn}")
+        if self.image_token_mode not in IMAGE_TOKEN_MODES:
+            raise ConfigError(
+                f"image_token_mode must be one of {IMAGE_TOKEN_MODES}, got {self.image_token_mode!r}"
+                + did_you_mean(str(self.image_token_mode), IMAGE_TOKEN_MODES)
+            )
+        _check_type("tools_in_prompt", self.tools_in_prompt, bool)
+        _check_type("request_timeout_s", self.request_timeout_s, (int, float))
+        if self.request_timeout_s <= 0:
+            raise ConfigError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        _check_type("request_max_retries", self.request_max_retries, int)
+        if self.request_max_retries < 0:
+            raise ConfigError(f"request_max_retries must be >= 0, got {self.request_max_retries}")
+        _check_type("request_retry_backoff_s", self.request_retry_backoff_s, (int, float))
+        if self.request_retry_backoff_s < 0:
+            raise ConfigError(f"request_retry_backoff_s must be >= 0, got {self.request_retry_backoff_s}")
+        _check_type("env_step_threads", self.env_step_threads, int)
+        if self.env_step_threads < 1:
+            raise ConfigError(f"env_step_threads must be >= 1, got {self.env_step_threads}")
+
+    @classmethod
+    def setting_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], *, source: str = "config") -> RolloutConfig:
+        """Build from a mapping of plugin keys; an unknown key is an error naming the nearest one."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
+        known = cls.setting_names()
+        for key in values:
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: unknown plugin setting {key!r}.{did_you_mean(str(key), known)} "
+                    f"Valid settings: {', '.join(known)}"
+                )
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> RolloutConfig:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"plugin config {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"plugin config {path} is not valid YAML: {exc}") from exc
+        return cls.from_mapping(values, source=str(path))
+
+    @classmethod
+    def from_args(cls, args: Any) -> RolloutConfig:
+        """From slime's args: the YAML at ``args.custom_config_path`` when there is one (validated
+        in full), otherwise the known keys set on ``args`` (missing keys take defaults)."""
+        path = getattr(args, "custom_config_path", None)
+        if path:
+            return _cached_yaml(str(path))
+        values = {key: getattr(args, key) for key in cls.setting_names() if getattr(args, key, None) is not None}
+        return cls.from_mapping(values, source="args")
+
+
+def _check_type(key: str, value: Any, expected: type | tuple[type, ...]) -> None:
+    allowed = expected if isinstance(expected, tuple) else (expected,)
+    # bool is an int subclass: `max_turns: true` must not pass as 1.
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        names = " or ".join(t.__name__ for t in allowed)
+        raise ConfigError(f"{key} must be {names}, got {type(value).__name__} {value!r}")
+
+
+_YAML_CACHE: dict[tuple[str, float], RolloutConfig] = {}
+
+
+def _cached_yaml(path: str) -> RolloutConfig:
+    """Parse each YAML file once per modification time: generate runs once per episode."""
+    try:
+        mtime = os.stat(path).st_mtime
+    except FileNotFoundError:
+        raise ConfigError(f"plugin config {path} (custom_config_path) does not exist") from None
+    key = (path, mtime)
+    if key not in _YAML_CACHE:
+        _YAML_CACHE[key] = RolloutConfig.from_yaml(path)
+    return _YAML_CACHE[key]

@@ -1,0 +1,41 @@
+"""slime's entry points: ``--custom-generate-function-path rollout.generate`` and
+``--custom-rm-path rollout.reward``. Importing them never imports slime."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rollout.episode import run_episode
+from rollout.runtime import default_runtime
+
+
+async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], evaluation: bool = False) -> Any:
+    """Run one multi-turn episode for ``sample`` and return the same sample, filled in.
+
+    slime passes each of the n copies of a prompt its own ``sampling_params``, but in evaluation
+    one dict is shared, so it is copied before anything changes it.
+    """
+    ctx = default_runtime().context(args)
+    return await run_episode(ctx, args, sample, dict(sampling_params))
+
+
+def reward_of(sample: Any) -> float:
+    """The env's outcome score; 0.0 for samples our side failed or the engine aborted."""
+    if getattr(sample, "reward", None) is not None:
+        return sample.reward
+    status = getattr(getattr(sample, "status", None), "name", None)
+    if status in ("FAILED", "ABORTED"):
+        return 0.0
+    outcome = (getattr(sample, "metadata", None) or {}).get("outcome") or {}
+    return float(outcome.get("score", 0.0))
+
+
+async def reward(args: Any, sample: Any = None, samples: list[Any] | None = None, **_: Any) -> float | list[float]:
+    """slime's custom reward: one sample, or ``samples=[...]`` (batched) -> a list."""
+    if samples is None and isinstance(sample, (list, tuple)):
+        samples = sample  # batched mode called positionally
+    if samples is not None:
+        return [reward_of(s) for s in samples]
+    if sample is None:
+        raise TypeError("reward() needs `sample` or `samples`")
+    return reward_of(sample)

@@ -1,0 +1,335 @@
+"""One multi-turn episode: tokens in, tokens out, against any Engine and any env module.
+
+    prompt (chat-templated text + images) -> ids with expanded image pads, pixel_values, grids
+    for turn in 1..max_turns:
+        engine.generate(all ids so far, all images so far)   -> model tokens (mask 1, engine log-probs)
+        stop on abort / length / spent budget
+        env.step(model text) in a worker thread               -> observation, done, info
+        stop when done or at max_turns
+        observation as a chat-template continuation           -> inserted tokens (mask 0, log-prob 0.0)
+
+Never decodes and re-tokenizes earlier turns. Statuses: COMPLETED (env done or max_turns reached),
+TRUNCATED (length or budget), ABORTED (the engine aborted: slime's own over-sampling uses it),
+FAILED (our side gave up: engine error after retries, env exception, grader down, unusable input;
+also ``remove_sample=True`` and reward 0 so that no fault of ours becomes a training signal).
+
+Budget: ``rollout_max_context_len`` caps the whole sequence when set; otherwise ``max_new_tokens``
+(or ``rollout_max_response_len``) caps the response, model plus env tokens. The prompt is never
+subtracted from a response budget (slime #2140: a large-image prompt then leaves no room at all).
+``max_tokens_per_turn`` optionally caps each generation. An observation that does not fit ends the
+episode TRUNCATED; it is never inserted partially, so an image's pad run is never cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import time
+import traceback
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rollout.config import RolloutConfig
+from rollout.engines.base import FINISH_ABORT, FINISH_LENGTH, Engine, EngineError
+from rollout.engines.images import load_image
+from rollout.observation import ObservationEncoder
+from rollout.processing import ImagePadMismatch, Processing
+from rollout.trajectory import Segment, Trajectory
+
+
+@dataclass
+class TurnRecord:
+    turn: int
+    text: str = ""
+    finish_reason: str | None = None
+    matched_stop: int | str | None = None
+    model_tokens: int = 0
+    env_tokens: int = 0
+    tool_call: dict[str, Any] | None = None
+    tool_executed: bool = False
+    score: float | None = None
+    error: str | None = None
+    done: bool = False
+    observation_text: str | None = None
+    observation_images: int = 0
+    engine_s: float = 0.0
+    env_s: float = 0.0
+
+
+@dataclass
+class EpisodeContext:
+    """Everything an episode needs besides the sample: shared by all episodes of a run."""
+
+    config: RolloutConfig
+    engine: Engine
+    processing: Processing
+    encoder: ObservationEncoder
+    env_module: Any
+    env_executor: Executor
+
+
+class _EpisodeEnded(Exception):
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class _State:
+    trajectory: Trajectory
+    request_ids: list[int]
+    images: list[Any] = field(default_factory=list)  # PIL, token order
+    payloads: list[Any] = field(default_factory=list)  # what the engine is sent for each image
+    pixel_values: list[torch.Tensor] = field(default_factory=list)
+    grids: list[torch.Tensor] = field(default_factory=list)
+    turns: list[TurnRecord] = field(default_factory=list)
+
+
+async def run_episode(ctx: EpisodeContext, args: Any, sample: Any, sampling_params: dict[str, Any]) -> Any:
+    status_enum = type(sample).Status if hasattr(type(sample), "Status") else sample.Status
+    state: _State | None = None
+    env = None
+    status, reason = "COMPLETED", "max_turns reached"
+    try:
+        state = _encode_prompt(ctx, sample)
+        env = await _in_env_thread(ctx, ctx.env_module.build_env, sample=sample, args=args, **ctx.config.env_kwargs)
+        await _call_env(ctx, env.reset)
+        status, reason = await _turn_loop(ctx, args, sample, sampling_params, state, env)
+    except _EpisodeEnded as ended:
+        status, reason = ended.status, ended.reason
+    finally:
+        if env is not None:
+            try:
+                await _call_env(ctx, env.close)
+            except Exception as exc:  # a failing close must not lose the episode
+                reason += f" (env.close failed: {exc!r})"
+    if state is None:
+        state = _State(trajectory=Trajectory(prompt_ids=[]), request_ids=[])
+    _finish(ctx, args, sample, state, env, status_enum, status, reason)
+    return sample
+
+
+def _encode_prompt(ctx: EpisodeContext, sample: Any) -> _State:
+    processing = ctx.processing
+    prompt = sample.prompt
+    if not isinstance(prompt, str):
+        tools = getattr(ctx.env_module, "TOOLS", None) if ctx.config.tools_in_prompt else None
+        prompt = processing.tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=True)
+    try:
+        raw_images = list((getattr(sample, "multimodal_inputs", None) or {}).get("images") or [])
+        images = [load_image(image) for image in raw_images]
+    except Exception as exc:
+        raise _EpisodeEnded("FAILED", f"prompt image could not be loaded: {exc}") from None
+    ids = processing.encode_trusted(prompt)
+    state = _State(trajectory=Trajectory(prompt_ids=[]), request_ids=[])
+    try:
+        if images:
+            mm = processing.process_images(images)
+            ids = processing.expand_image_pads(ids, processing.pads_per_image(mm["image_grid_thw"]))
+            _add_images(ctx, state, images, mm)
+        elif processing.count_image_pads(ids):
+            raise ImagePadMismatch("the prompt has image placeholders but the sample has no images")
+    except ImagePadMismatch as exc:
+        raise _EpisodeEnded("FAILED", f"prompt: {exc}") from None
+    state.trajectory.prompt_ids = ids
+    state.request_ids = processing.compress_image_pads(ids) if ctx.config.image_token_mode == "single_pad" else list(ids)
+    return state
+
+
+def _add_images(ctx: EpisodeContext, state: _State, images: list[Any], mm: dict[str, torch.Tensor]) -> None:
+    prepare = getattr(ctx.engine, "prepare_image", None)
+    state.images.extend(images)
+    # Encoded once here (e.g. PNG data URIs for SGLang), then reused by every later turn's request.
+    state.payloads.extend(prepare(image) if prepare else image for image in images)
+    state.pixel_values.append(mm["pixel_values"])
+    state.grids.append(mm["image_grid_thw"])
+
+
+def _budget_left(args: Any, sampling_params: dict[str, Any], trajectory: Trajectory) -> int | None:
+    context_cap = getattr(args, "rollout_max_context_len", None)
+    if context_cap:
+        return int(context_cap) - trajectory.length
+    response_cap = sampling_params.get("max_new_tokens") or getattr(args, "rollout_max_response_len", None)
+    if response_cap:
+        return int(response_cap) - trajectory.response_length
+    return None
+
+
+async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> tuple[str, str]:
+    processing = ctx.processing
+    config = ctx.config
+    for turn in range(1, config.max_turns + 1):
+        record = TurnRecord(turn=turn)
+        state.turns.append(record)
+        left = _budget_left(args, sampling_params, state.trajectory)
+        if left is not None and left <= 0:
+            return "TRUNCATED", f"token budget spent before turn {turn}"
+        params = dict(sampling_params)
+        caps = [c for c in (left, config.max_tokens_per_turn) if c is not None]
+        if caps:
+            params["max_new_tokens"] = min(caps)
+
+        started = time.perf_counter()
+        try:
+            result = await ctx.engine.generate(state.request_ids, state.payloads, params)
+        except EngineError as exc:
+            record.error = str(exc)
+            return "FAILED", f"engine: {exc}"
+        finally:
+            record.engine_s = time.perf_counter() - started
+        record.text = result.text
+        record.finish_reason = result.finish_reason
+        record.matched_stop = result.matched_stop
+        record.model_tokens = len(result.token_ids)
+        state.trajectory.append(
+            Segment(result.token_ids, True, result.text, log_probs=list(result.log_probs), meta_info=result.meta_info)
+        )
+        state.request_ids.extend(result.token_ids)
+        if left is not None and len(result.token_ids) > left:
+            return "FAILED", f"engine returned {len(result.token_ids)} tokens, more than the {left} requested"
+        if processing.image_pad_id in result.token_ids or processing.vision_start_id in result.token_ids:
+            # The trainer's forward pass would look for image features that do not exist.
+            return "FAILED", "the model generated image placeholder tokens"
+        if result.finish_reason == FINISH_ABORT:
+            return "ABORTED", "the engine aborted the request"
+        if result.finish_reason == FINISH_LENGTH:
+            return "TRUNCATED", f"turn {turn} hit the generation limit"
+
+        started = time.perf_counter()
+        try:
+            observation, done, info = await _call_env(ctx, env.step, result.text)
+        except Exception as exc:
+            record.error = f"{type(exc).__name__}: {exc}"
+            return "FAILED", f"env.step raised at turn {turn}: {traceback.format_exc(limit=5)}"
+        finally:
+            record.env_s = time.perf_counter() - started
+        _record_step_info(record, info, done)
+        if done:
+            return "COMPLETED", "env done"
+        if turn == config.max_turns:
+            return "COMPLETED", "max_turns reached"
+
+        started = time.perf_counter()
+        try:
+            inserted = _encode_observation(ctx, env, observation, state)
+        except Exception as exc:
+            record.error = f"{type(exc).__name__}: {exc}"
+            return "FAILED", f"observation at turn {turn} could not be encoded: {exc}"
+        finally:
+            record.env_s += time.perf_counter() - started
+        tokens, text, images, mm, request_tail = inserted
+        left = _budget_left(args, sampling_params, state.trajectory)
+        if left is not None and len(tokens) > left:
+            return "TRUNCATED", f"the observation after turn {turn} ({len(tokens)} tokens) does not fit ({left} left)"
+        state.trajectory.append(Segment(tokens, False, text))
+        state.request_ids.extend(request_tail)
+        if images:
+            _add_images(ctx, state, images, mm)
+        record.env_tokens = len(tokens)
+        record.observation_text = text
+        record.observation_images = len(images)
+    return "COMPLETED", "max_turns reached"
+
+
+def _encode_observation(ctx: EpisodeContext, env, observation, state: _State):
+    processing = ctx.processing
+    message = env.format_observation(observation)
+    tools = getattr(ctx.env_module, "TOOLS", None) if ctx.config.tools_in_prompt else None
+    encoded = ctx.encoder.encode_message(message, tools)
+    # A model that stopped on a stop string (e.g. "</tool_call>") never produced its end-of-turn
+    # token; the template has one there, so insert it (masked), exactly once.
+    last = state.request_ids[-1] if state.request_ids else None
+    end_of_turn = [] if last == processing.eos_token_id else [processing.eos_token_id]
+    text = (processing.eos_token if end_of_turn else "") + encoded.text
+    ids = end_of_turn + encoded.token_ids
+    images = [load_image(image) for image in encoded.images]
+    mm = None
+    expanded = ids
+    if images:
+        mm = processing.process_images(images)
+        expanded = processing.expand_image_pads(ids, processing.pads_per_image(mm["image_grid_thw"]))
+    elif processing.count_image_pads(ids):
+        raise ImagePadMismatch("the observation text holds image placeholders but no images")
+    request_tail = ids if ctx.config.image_token_mode == "single_pad" else expanded
+    return expanded, text, images, mm, request_tail
+
+
+def _record_step_info(record: TurnRecord, info: Any, done: bool) -> None:
+    record.done = bool(done)
+    if not isinstance(info, dict):
+        return
+    record.tool_executed = bool(info.get("tool_executed", False))
+    score = info.get("score")
+    record.score = float(score) if isinstance(score, (int, float)) else None
+    error = info.get("error")
+    record.error = str(error) if error else None
+    call = info.get("tool_call")
+    if isinstance(call, dict):
+        record.tool_call = call
+    elif info.get("answer") is not None:
+        record.tool_call = {"answer": info.get("answer")}
+
+
+async def _in_env_thread(ctx: EpisodeContext, function, *args, **kwargs):
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(ctx.env_executor, lambda: function(*args, **kwargs))
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def _call_env(ctx: EpisodeContext, method, *args):
+    """Await an async env method on the loop; run a sync one in the env threads (never on the loop)."""
+    if inspect.iscoroutinefunction(method):
+        return await method(*args)
+    return await _in_env_thread(ctx, method, *args)
+
+
+def outcome_of(env: Any, turns: list[TurnRecord]) -> dict[str, Any]:
+    """The env's outcome as a plain dict; envs without one (slime's example) get it from step infos."""
+    outcome = getattr(env, "outcome", None)
+    if dataclasses.is_dataclass(outcome) and not isinstance(outcome, type):
+        values = dataclasses.asdict(outcome)
+        for name in ("grader_unavailable",):
+            if hasattr(outcome, name):
+                values[name] = bool(getattr(outcome, name))
+        return values
+    if isinstance(outcome, dict):
+        return dict(outcome)
+    scores = [t.score for t in turns if t.score is not None]
+    return {"score": max(scores) if scores else 0.0, "attempts": len(scores)}
+
+
+def _finish(ctx, args, sample, state: _State, env, status_enum, status: str, reason: str) -> None:
+    outcome = outcome_of(env, state.turns) if env is not None else {"score": 0.0}
+    if status == "COMPLETED" and outcome.get("grader_unavailable"):
+        status, reason = "FAILED", "the answer grader was unavailable; the score says nothing about the model"
+    state.trajectory.write_to(sample, args)
+    if state.pixel_values:
+        sample.multimodal_train_inputs = {
+            "pixel_values": torch.cat(state.pixel_values),
+            "image_grid_thw": torch.cat(state.grids),
+        }
+        pads = ctx.processing.count_image_pads(sample.tokens)
+        expected = sum(ctx.processing.pads_per_image(sample.multimodal_train_inputs["image_grid_thw"]))
+        if pads != expected:
+            raise ImagePadMismatch(f"trajectory holds {pads} image pads but its images need {expected}")
+    else:
+        sample.multimodal_train_inputs = None
+    sample.status = getattr(status_enum, status)
+    metadata = sample.metadata if isinstance(getattr(sample, "metadata", None), dict) else {}
+    metadata["turns"] = [dataclasses.asdict(t) for t in state.turns]
+    metadata["outcome"] = outcome
+    metadata["status_reason"] = reason
+    metadata["num_turns"] = sum(1 for t in state.turns if t.model_tokens or t.finish_reason)
+    prompt_images = len((getattr(sample, "multimodal_inputs", None) or {}).get("images") or [])
+    metadata["observation_images"] = state.images[prompt_images:]
+    sample.metadata = metadata
+    if status == "FAILED":
+        sample.remove_sample = True
+        sample.reward = 0.0

@@ -1,0 +1,147 @@
+"""Turning text and images into the token ids and tensors of a trajectory.
+
+Owns: loading the tokenizer and processor once per checkpoint (an explicit cache object), encoding
+untrusted text with special-token strings treated as plain text, processing images into
+``pixel_values`` / ``image_grid_thw`` and expanding each image's pad run to the processor's count.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+
+class ImagePadMismatch(ValueError):
+    """The image-pad tokens in a sequence do not match the processed images."""
+
+
+@dataclass
+class Processing:
+    """Tokenizer, processor and the token ids the rollout relies on, for one checkpoint."""
+
+    tokenizer: Any
+    processor: Any
+    plain_encoder: Tokenizer
+    eos_token_id: int
+    eos_token: str
+    image_pad_id: int
+    vision_start_id: int
+    vision_end_id: int
+    merge_size: int
+    special_token_strings: tuple[str, ...]
+
+    @classmethod
+    def from_tokenizer_and_processor(cls, tokenizer: Any, processor: Any) -> Processing:
+        # A copy of the backend that encodes special-token strings as plain text: env feedback may
+        # quote the model, and a quoted "<|im_end|>" must not become a real end-of-turn.
+        plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        plain.encode_special_tokens = True
+        ids = tokenizer.convert_tokens_to_ids
+        eos = tokenizer.eos_token or "<|im_end|>"
+        specials = tuple(t.content for t in tokenizer.backend_tokenizer.get_added_tokens_decoder().values() if t.special)
+        return cls(
+            tokenizer=tokenizer,
+            processor=processor,
+            plain_encoder=plain,
+            eos_token_id=ids(eos),
+            eos_token=eos,
+            image_pad_id=ids("<|image_pad|>"),
+            vision_start_id=ids("<|vision_start|>"),
+            vision_end_id=ids("<|vision_end|>"),
+            merge_size=int(getattr(processor.image_processor, "merge_size", 2)),
+            special_token_strings=specials,
+        )
+
+    def encode_trusted(self, text: str) -> list[int]:
+        """Template text: special-token strings become their special tokens."""
+        return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Untrusted text (model or env words): special-token strings stay text."""
+        return self.plain_encoder.encode(text, add_special_tokens=False).ids
+
+    def process_images(self, images: list[Any]) -> dict[str, torch.Tensor]:
+        out = self.processor.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def pads_per_image(self, image_grid_thw: torch.Tensor) -> list[int]:
+        return [int(n) for n in (image_grid_thw.prod(dim=-1) // (self.merge_size**2)).tolist()]
+
+    def expand_image_pads(self, ids: list[int], pad_counts: list[int]) -> list[int]:
+        """Give the i-th ``<|vision_start|> pad-run <|vision_end|>`` exactly ``pad_counts[i]`` pads.
+
+        A run holding one pad (what chat templates render) is expanded; a run already holding the
+        expected count is kept; any other length, or a different number of images, is an error.
+        """
+        out: list[int] = []
+        image = 0
+        i = 0
+        n = len(ids)
+        while i < n:
+            token = ids[i]
+            out.append(token)
+            i += 1
+            if token != self.vision_start_id or i >= n or ids[i] != self.image_pad_id:
+                continue
+            run_end = i
+            while run_end < n and ids[run_end] == self.image_pad_id:
+                run_end += 1
+            run = run_end - i
+            if image >= len(pad_counts):
+                raise ImagePadMismatch(f"the text has more image placeholders than the {len(pad_counts)} images given")
+            expected = pad_counts[image]
+            if run not in (1, expected):
+                raise ImagePadMismatch(
+                    f"image {image} has a run of {run} <|image_pad|> tokens; expected 1 (to expand) or {expected} "
+                    "(the processor's count for this image)"
+                )
+            out.extend([self.image_pad_id] * expected)
+            image += 1
+            i = run_end
+        if image != len(pad_counts):
+            raise ImagePadMismatch(f"the text has {image} image placeholders but {len(pad_counts)} images were given")
+        return out
+
+    def compress_image_pads(self, ids: list[int]) -> list[int]:
+        """The inverse of expansion: every pad run reduced to one pad (SGLang expands it itself)."""
+        out: list[int] = []
+        previous = None
+        for token in ids:
+            if token == self.image_pad_id and previous == self.image_pad_id:
+                continue
+            out.append(token)
+            previous = token
+        return out
+
+    def count_image_pads(self, ids: list[int]) -> int:
+        return sum(1 for token in ids if token == self.image_pad_id)
+
+
+class ProcessingCache:
+    """Loads each checkpoint's tokenizer and processor once (slime calls generate per sample)."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, Processing] = {}
+        self._lock = threading.Lock()
+
+    def get(self, hf_checkpoint: str) -> Processing:
+        key = str(hf_checkpoint)
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = _load(key)
+            return self._items[key]
+
+    def put(self, hf_checkpoint: str, processing: Processing) -> None:
+        with self._lock:
+            self._items[str(hf_checkpoint)] = processing
+
+
+def _load(hf_checkpoint: str) -> Processing:
+    from models import load_processing
+
+    policy = load_processing(hf_checkpoint)
+    return Processing.from_tokenizer_and_processor(policy.tokenizer, policy.processor)

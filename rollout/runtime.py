@@ -1,0 +1,82 @@
+"""The process-wide objects behind slime's entry points, held in one explicit place.
+
+slime calls ``generate(args, sample, sampling_params)`` once per sample with no other context, so
+what should be built once per run lives here: tokenizer/processor per checkpoint, observation
+encoders, loaded env modules, SGLang clients per server URL, and the threads that run sync env
+steps. ``default_runtime()`` is created lazily; tests and the local trainer may build their own.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from rollout.config import RolloutConfig
+from rollout.engines.base import Engine
+from rollout.engines.sglang_client import SGLangClient
+from rollout.episode import EpisodeContext
+from rollout.observation import ObservationEncoder
+from rollout.processing import ProcessingCache
+
+
+class RolloutRuntime:
+    def __init__(self) -> None:
+        self.processing = ProcessingCache()
+        self._encoders: dict[int, ObservationEncoder] = {}
+        self._env_modules: dict[str, Any] = {}
+        self._clients: dict[str, SGLangClient] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def context(self, args: Any) -> EpisodeContext:
+        config = RolloutConfig.from_args(args)
+        checkpoint = getattr(args, "hf_checkpoint", None)
+        if not checkpoint:
+            raise ValueError("args.hf_checkpoint must name the checkpoint (or preset) whose tokenizer to use")
+        processing = self.processing.get(checkpoint)
+        with self._lock:
+            encoder = self._encoders.setdefault(id(processing), ObservationEncoder(processing))
+            env_module = self._env_module(config.rollout_interaction_env_path)
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(config.env_step_threads, thread_name_prefix="env-step")
+            engine = self._engine(args, config)
+        return EpisodeContext(
+            config=config,
+            engine=engine,
+            processing=processing,
+            encoder=encoder,
+            env_module=env_module,
+            env_executor=self._executor,
+        )
+
+    def _env_module(self, path: str) -> Any:
+        if path not in self._env_modules:
+            from envs.loader import load_env_module
+
+            self._env_modules[path] = load_env_module(path)
+        return self._env_modules[path]
+
+    def _engine(self, args: Any, config: RolloutConfig) -> Engine:
+        engine = getattr(args, "rollout_engine", None)
+        if engine is not None:
+            return engine
+        client = SGLangClient.from_args(args, config)
+        return self._clients.setdefault(client.url, client)
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
+_default: RolloutRuntime | None = None
+_default_lock = threading.Lock()
+
+
+def default_runtime() -> RolloutRuntime:
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = RolloutRuntime()
+        return _default
