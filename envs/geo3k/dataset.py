@@ -1,0 +1,335 @@
+"""The Geometry3K parquet format that slime's ``--prompt-data`` reads, and the checks it needs up front.
+
+This module owns reading and writing that format and turning a row into what a chat template takes:
+
+- columns, exactly: ``problem`` (string: the instruction block, then the question with one ``<image>``
+  placeholder per image), ``answer`` (string: the label, LaTeX math such as ``2\\sqrt{3}``) and
+  ``images`` (list<string>: image file paths, relative to the parquet's directory or absolute, or
+  ``data:image/png;base64,...`` URIs). Never raw bytes: slime silently drops them.
+- ``validate_rows`` reports every bad row at once (placeholder/image count mismatch, empty or
+  unparsable label, image that does not decode), so a dataset fails before training, not mid-run.
+- ``build_prompt_messages`` turns a problem into one chat user message whose content parts put each
+  image where its ``<image>`` placeholder was, which is how slime builds multimodal prompts.
+
+Labels are parsed with math-verify inside ``\\boxed{}`` or ``$...$``: bare, ``2\\sqrt{3}`` parses as
+just ``2`` and ``16\\pi`` as ``16``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<image>"
+COLUMNS: tuple[str, ...] = ("problem", "answer", "images")
+PARQUET_SCHEMA = pa.schema(
+    [
+        pa.field("problem", pa.string()),
+        pa.field("answer", pa.string()),
+        pa.field("images", pa.list_(pa.string())),
+    ]
+)
+IMAGE_MODES: tuple[str, ...] = ("files", "data_uri")
+_DATA_URI = re.compile(
+    r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^,;]*)*?);base64,(?P<payload>.*)", re.S
+)
+_URL_SCHEMES = ("http://", "https://")
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+class SupportsGeo3kRecord(Protocol):
+    """What ``write_geo3k_parquet`` needs from a record (``sample_data.GeoProblem`` is one)."""
+
+    @property
+    def problem(self) -> str: ...
+
+    @property
+    def answer(self) -> str: ...
+
+    @property
+    def images(self) -> Sequence[Image.Image]: ...
+
+
+@dataclass(frozen=True)
+class Geo3kRow:
+    """One parquet row. ``images`` are absolute paths, data URIs, or (unresolved) URLs."""
+
+    index: int
+    problem: str
+    answer: str
+    images: list[str] = field(default_factory=list)
+    source: Path | None = None
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """Something wrong with one row: which row, which column, and what to do about it."""
+
+    index: int
+    column: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"row {self.index} [{self.column}]: {self.message}"
+
+
+class RowImageError(ValueError):
+    """An image reference that cannot be turned into a decoded image."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """PNG bytes that depend only on the pixels: no metadata chunks, fixed compression settings."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()
+
+
+def png_data_uri(image: Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode("ascii")
+
+
+def write_geo3k_parquet(
+    records: Iterable[SupportsGeo3kRecord],
+    out_dir: str | Path,
+    *,
+    image_mode: Literal["files", "data_uri"] = "files",
+    split_name: str = "train",
+    absolute_paths: bool = False,
+) -> Path:
+    """Write ``out_dir/<split_name>.parquet``; return its path.
+
+    ``image_mode="files"`` saves each image as ``out_dir/images/<split_name>_<row>_<k>.png`` and stores
+    its path relative to ``out_dir`` (the directory can be moved as a whole), or absolute with
+    ``absolute_paths``: slime resolves a relative path against its own working directory (the slime
+    checkout), so files meant for slime need absolute paths or ``image_mode="data_uri"``, which embeds
+    the PNG in the row as a ``data:image/png;base64,...`` URI.
+    """
+    if image_mode not in IMAGE_MODES:
+        raise ValueError(f"image_mode must be one of {', '.join(IMAGE_MODES)}, got {image_mode!r}")
+    if not _SPLIT_NAME.fullmatch(split_name):
+        raise ValueError(f"split_name {split_name!r} must be a plain file stem such as 'train' or 'test'")
+    out_dir = Path(out_dir)
+    image_dir = out_dir / "images"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    answers: list[str] = []
+    image_column: list[list[str]] = []
+    for row, record in enumerate(records):
+        images = list(record.images)
+        placeholders = record.problem.count(IMAGE_PLACEHOLDER)
+        if placeholders != len(images):
+            raise ValueError(
+                f"record {row} has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s); "
+                "each placeholder is replaced in order by the next image, so the counts must match"
+            )
+        refs: list[str] = []
+        for k, image in enumerate(images):
+            if image_mode == "data_uri":
+                refs.append(png_data_uri(image))
+                continue
+            image_dir.mkdir(exist_ok=True)
+            name = f"{split_name}_{row:06d}_{k}.png"
+            (image_dir / name).write_bytes(encode_png(image))
+            refs.append(str((image_dir / name).resolve()) if absolute_paths else f"images/{name}")
+        problems.append(record.problem)
+        answers.append(record.answer)
+        image_column.append(refs)
+    table = pa.table({"problem": problems, "answer": answers, "images": image_column}, schema=PARQUET_SCHEMA)
+    path = out_dir / f"{split_name}.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_geo3k_parquet(path: str | Path) -> list[Geo3kRow]:
+    """Rows of a geo3k parquet file, with relative image paths resolved against the file's directory."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no parquet file at {path}; write one with "
+            "python examples/geo3k_vlm_multi_turn/make_sample_data.py --out DIR"
+        )
+    table = pq.read_table(path)
+    missing = [name for name in COLUMNS if name not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"{path} lacks column(s) {', '.join(missing)} (it has {', '.join(table.column_names)}); "
+            f"a geo3k file has the columns {', '.join(COLUMNS)}"
+        )
+    columns = {name: table.column(name).to_pylist() for name in COLUMNS}
+    rows = []
+    for index, (problem, answer, images) in enumerate(zip(*columns.values(), strict=True)):
+        refs = [_image_ref(item, index, k, path) for k, item in enumerate(images or [])]
+        rows.append(
+            Geo3kRow(index=index, problem=problem or "", answer=answer or "", images=refs, source=path)
+        )
+    return rows
+
+
+def _image_ref(item: Any, row: int, k: int, parquet: Path) -> str:
+    if not isinstance(item, str):
+        raise ValueError(
+            f"{parquet} row {row} image {k} is a {type(item).__name__}, not a string; the images column "
+            "must hold file paths or data URIs (slime drops raw bytes); rewrite the file with "
+            "envs.geo3k.dataset.write_geo3k_parquet"
+        )
+    if item.startswith("data:") or item.startswith(_URL_SCHEMES) or Path(item).is_absolute():
+        return item
+    return str(parquet.parent / item)
+
+
+def load_image(ref: str) -> Image.Image:
+    """Decode one image reference (file path or data URI) into an RGB image."""
+    if ref.startswith(_URL_SCHEMES):
+        raise RowImageError(
+            f"image {ref!r} is a URL; this loader reads only local files and data URIs. Run the data "
+            "preparation step for this dataset to download the images into local files first"
+        )
+    if ref.startswith("data:"):
+        match = _DATA_URI.fullmatch(ref)
+        if match is None:
+            raise RowImageError(
+                f"data URI {_shorten(ref)} is not base64-encoded; write it as data:image/png;base64,<payload>"
+            )
+        try:
+            raw = base64.b64decode(match.group("payload"), validate=True)
+        except binascii.Error as error:
+            raise RowImageError(
+                f"data URI {_shorten(ref)} has an invalid base64 payload ({error})"
+            ) from error
+        source: io.BytesIO | Path = io.BytesIO(raw)
+    else:
+        source = Path(ref)
+        if not source.is_file():
+            raise RowImageError(f"image file {ref} does not exist")
+    where = ref if isinstance(source, Path) else _shorten(ref)
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return image.convert("RGB")
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as error:
+        raise RowImageError(f"image {where} does not decode ({type(error).__name__}: {error})") from error
+
+
+def load_row_images(row: Geo3kRow) -> list[Image.Image]:
+    """The row's images, decoded, in placeholder order."""
+    images = []
+    for k, ref in enumerate(row.images):
+        try:
+            images.append(load_image(ref))
+        except RowImageError as error:
+            raise RowImageError(f"row {row.index} image {k}: {error}") from error
+    return images
+
+
+def _shorten(ref: str, limit: int = 60) -> str:
+    return ref if len(ref) <= limit else f"{ref[: limit - 3]}..."
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def parse_answer(answer: str) -> list[Any]:
+    """math-verify's parse of a label read as LaTeX math: inside ``\\boxed{}``, else inside ``$...$``
+    (the grader reads labels the same way). Empty when neither yields an expression.
+
+    Runs without math-verify's signal-based timeout, so call it on trusted labels only.
+    """
+    from math_verify import parse
+
+    text = answer.strip()
+    for wrapped in (f"\\boxed{{{text}}}", f"${text}$"):
+        parsed = parse(wrapped, parsing_timeout=None)
+        if any(not isinstance(item, str) for item in parsed):
+            return parsed
+    return []
+
+
+def answer_problem(answer: str) -> str | None:
+    """Why ``answer`` cannot serve as a label, or None when it can."""
+    if not answer.strip():
+        return "answer is empty; every row needs the exact answer as its label"
+    parsed = parse_answer(answer)
+    expressions = [item for item in parsed if not isinstance(item, str)]
+    if not expressions:
+        return (
+            f"math-verify cannot parse answer {answer!r}; write it as LaTeX math such as "
+            "5, 12.5, 2\\sqrt{3}, \\frac{15}{2} or 16\\pi"
+        )
+    unknowns = sorted(str(symbol) for symbol in getattr(expressions[0], "free_symbols", ()))
+    if unknowns:
+        return (
+            f"answer {answer!r} parses to an expression in the unknown(s) {', '.join(unknowns)}; "
+            "a label must be a number"
+        )
+    return None
+
+
+def validate_rows(rows: Sequence[Geo3kRow], *, check_images: bool = True) -> list[RowProblem]:
+    """Every problem found in ``rows``, in row order; an empty list means the rows are usable."""
+    problems: list[RowProblem] = []
+    for row in rows:
+        placeholders = row.problem.count(IMAGE_PLACEHOLDER)
+        if placeholders != len(row.images):
+            problems.append(
+                RowProblem(
+                    row.index,
+                    "problem",
+                    f"problem has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but the row has "
+                    f"{len(row.images)} image(s); each placeholder is replaced in order by the next image, "
+                    "so the counts must match",
+                )
+            )
+        reason = answer_problem(row.answer)
+        if reason is not None:
+            problems.append(RowProblem(row.index, "answer", reason))
+        if check_images:
+            for k, ref in enumerate(row.images):
+                try:
+                    load_image(ref)
+                except RowImageError as error:
+                    problems.append(RowProblem(row.index, "images", f"image {k}: {error}"))
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def build_prompt_messages(problem_text: str, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
+    """One chat user message: the text split at each ``<image>``, with the images in their places.
+
+    Content parts are ``{"type": "image", "image": PIL.Image}`` and ``{"type": "text", "text": str}``;
+    empty text between or around placeholders is left out.
+    """
+    pieces = problem_text.split(IMAGE_PLACEHOLDER)
+    if len(pieces) - 1 != len(images):
+        raise ValueError(
+            f"problem has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) "
+            "were given; pass one image per placeholder, in order"
+        )
+    content: list[dict[str, Any]] = []
+    for k, piece in enumerate(pieces):
+        if k > 0:
+            content.append({"type": "image", "image": images[k - 1]})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return [{"role": "user", "content": content}]
