@@ -1,0 +1,713 @@
+"""The in-process engine: SGLang's generate semantics over a transformers Qwen-VL model.
+
+``LocalEngine`` serves the Engine protocol for the local backend, for tests and, through
+``rollout.server``, as an SGLang-compatible HTTP server. It owns:
+
+- **request preparation**: images (data URIs, paths, PIL) processed by the policy's own processor,
+  exactly as the trainer will see them; image pad runs given either as one ``<|image_pad|>`` per
+  image or as the processor's expanded run (single pads are expanded before generating);
+- **micro-batching**: requests from concurrent episodes wait in a queue until ``max_batch_size``
+  are waiting or ``batch_wait_ms`` has passed, then run as one left-padded batch in a worker thread,
+  so the event loop stays free;
+- **a manual decode loop** (prefill, then one token per step with a KV cache). Every row carries its
+  own sampling parameters and its own seeded ``torch.Generator``, so one batch mixes temperatures,
+  top-k/top-p, stops and lengths, and a request samples the same tokens whether it ran alone or in a
+  batch of 32. Multimodal RoPE positions are computed here (``get_rope_index`` for the prompt, then
+  ``last position + 1`` per step) and passed explicitly, so the loop never relies on the
+  ``rope_deltas`` the model caches between calls (a trainer's forward pass overwrites them);
+- **SGLang's finishing rules**: the length budget is checked first, then stop token ids and EOS
+  (unless ``ignore_eos``), then stop strings on the decoded tail; a stop string ends generation at
+  the token that completed it; ``no_stop_trim`` only changes the returned text.
+
+Returned log-probs are ``log_softmax`` of the processed scores the token was sampled from
+(temperature, then top-k, then top-p). With top-k disabled and top-p 1 they are the policy's
+log-probs at that temperature, i.e. what a teacher-forced forward pass gives. Greedy decoding
+(temperature 0) reports log-probs at temperature 1.
+
+Weights: generation always uses ``policy.model`` as it is at that moment. The single-machine
+trainer updates that same module in place between rollouts and then bumps ``engine.weight_version``,
+which every response reports in ``meta_info``. Batches are run in eval mode (the previous mode is
+restored afterwards) because gradient checkpointing in train mode disables the KV cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from difflib import get_close_matches
+from typing import Any
+
+import torch
+
+from models.logprobs import mm_token_type_ids
+from rollout.engines.base import (
+    FINISH_ABORT,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineError,
+    GenerateResult,
+    ImageInput,
+)
+from rollout.engines.images import ImageLoadError, load_image
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when a request gives none
+
+# Sampling parameters SGLang accepts that this engine implements.
+_SUPPORTED_PARAMS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_new_tokens",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
+    "skip_special_tokens",
+    "no_stop_trim",
+    "spaces_between_special_tokens",
+    "sampling_seed",
+    "custom_params",
+)
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter has a bad name or value; the message names it and the valid range."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """SGLang's sampling parameters (their names and defaults) that this engine honours.
+
+    ``spaces_between_special_tokens`` is accepted for compatibility and has no effect (fast
+    tokenizers ignore it). ``custom_params`` is accepted and ignored: slime sends
+    ``{"return_top_p_token_ids": True}`` for its patched SGLang, which this engine does not replay.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # <= 0: no top-k (SGLang uses -1, some clients send 0)
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    spaces_between_special_tokens: bool = True
+    sampling_seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any] | None) -> SamplingParams:
+        """Validate a request's ``sampling_params``; raises SamplingParamsError naming the bad key."""
+        if params is None:
+            return cls()
+        if not isinstance(params, Mapping):
+            raise SamplingParamsError(f"sampling_params must be an object, got {type(params).__name__}")
+        for key in params:
+            if key not in _SUPPORTED_PARAMS:
+                hint = get_close_matches(str(key), _SUPPORTED_PARAMS, n=1)
+                suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+                raise SamplingParamsError(
+                    f"unknown sampling param {key!r}.{suggestion} Supported: {', '.join(_SUPPORTED_PARAMS)}"
+                )
+        values: dict[str, Any] = {}
+
+        def present(key: str) -> bool:
+            return params.get(key) is not None
+
+        if present("temperature"):
+            temperature = params["temperature"]
+            if not _is_number(temperature) or temperature < 0:
+                raise SamplingParamsError(
+                    f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}"
+                )
+            values["temperature"] = float(temperature)
+        if present("top_p"):
+            top_p = params["top_p"]
+            if not _is_number(top_p) or not 0 < top_p <= 1:
+                raise SamplingParamsError(f"top_p must be a number in (0, 1], got {top_p!r}")
+            values["top_p"] = float(top_p)
+        if present("top_k"):
+            top_k = params["top_k"]
+            if not _is_int(top_k):
+                raise SamplingParamsError(f"top_k must be an integer (<= 0 disables top-k), got {top_k!r}")
+            values["top_k"] = top_k
+        if present("max_new_tokens"):
+            max_new = params["max_new_tokens"]
+            if not _is_int(max_new) or max_new < 0:
+                raise SamplingParamsError(f"max_new_tokens must be an integer >= 0 or null, got {max_new!r}")
+            values["max_new_tokens"] = max_new
+        if present("stop"):
+            stop = params["stop"]
+            stops = [stop] if isinstance(stop, str) else stop
+            if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+                raise SamplingParamsError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+            values["stop"] = tuple(stops)
+        if present("stop_token_ids"):
+            ids = params["stop_token_ids"]
+            if not isinstance(ids, list) or not all(_is_int(i) and i >= 0 for i in ids):
+                raise SamplingParamsError(
+                    f"stop_token_ids must be a list of token ids (ints >= 0), got {ids!r}"
+                )
+            values["stop_token_ids"] = tuple(ids)
+        for key in ("ignore_eos", "skip_special_tokens", "no_stop_trim", "spaces_between_special_tokens"):
+            if present(key):
+                if not isinstance(params[key], bool):
+                    raise SamplingParamsError(f"{key} must be true or false, got {params[key]!r}")
+                values[key] = params[key]
+        if present("sampling_seed"):
+            seed = params["sampling_seed"]
+            if not _is_int(seed):
+                raise SamplingParamsError(f"sampling_seed must be an integer, got {seed!r}")
+            values["sampling_seed"] = seed
+        if present("custom_params") and not isinstance(params["custom_params"], Mapping):
+            raise SamplingParamsError(f"custom_params must be an object, got {params['custom_params']!r}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Finish:
+    """Why a row stopped; ``to_json`` is SGLang's ``meta_info.finish_reason``."""
+
+    reason: str  # FINISH_STOP | FINISH_LENGTH | FINISH_ABORT
+    matched: int | str | None = None
+    length: int | None = None
+    message: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.reason == FINISH_STOP:
+            return {"type": FINISH_STOP, "matched": self.matched}
+        if self.reason == FINISH_LENGTH:
+            return {"type": FINISH_LENGTH, "length": self.length}
+        return {"type": FINISH_ABORT, "message": self.message or "aborted"}
+
+
+@dataclass(eq=False)  # identity semantics: requests live in a set
+class _Request:
+    input_ids: list[int]  # image pad runs expanded
+    pixel_values: torch.Tensor | None
+    image_grid_thw: torch.Tensor | None
+    params: SamplingParams
+    max_new_tokens: int  # after the default and the context-length cap
+    seed: int
+    rid: str | None
+    submitted: float
+    future: asyncio.Future | None = None
+    abort_message: str | None = None  # set (from the event loop) to stop this request early
+
+
+@dataclass
+class _Row:
+    request: _Request
+    tokens: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)
+    finish: Finish | None = None
+
+
+def _derive_seed(*parts: Any) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _pad_runs(ids: Sequence[int], pad_id: int) -> list[tuple[int, int]]:
+    """(start, length) of every maximal run of ``pad_id``, in order."""
+    runs: list[tuple[int, int]] = []
+    start = None
+    for i, token in enumerate(ids):
+        if token == pad_id and start is None:
+            start = i
+        elif token != pad_id and start is not None:
+            runs.append((start, i - start))
+            start = None
+    if start is not None:
+        runs.append((start, len(ids) - start))
+    return runs
+
+
+class LocalEngine:
+    """The Engine protocol over ``policy.model`` with SGLang's request semantics (see module doc).
+
+    ``seed`` fixes sampling: request number n (counted in the order ``generate`` is called) samples
+    with a generator seeded from (seed, n), or from ``sampling_params["sampling_seed"]`` when the
+    caller gives one. Either way the tokens do not depend on which other requests share its batch.
+    """
+
+    def __init__(
+        self,
+        policy,
+        *,
+        max_batch_size: int = 32,
+        batch_wait_ms: float = 5.0,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    ) -> None:
+        if policy.model is None:
+            raise ValueError("LocalEngine needs a policy with a model; load it with models.load_policy(...)")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if batch_wait_ms < 0:
+            raise ValueError(f"batch_wait_ms must be >= 0, got {batch_wait_ms}")
+        self.policy = policy
+        self.model = policy.model
+        self.tokenizer = policy.tokenizer
+        self.processor = policy.processor
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_ms / 1000.0
+        self.seed = seed
+        self.default_max_new_tokens = default_max_new_tokens
+        self.device = torch.device(device) if device is not None else next(self.model.parameters()).device
+        self.weight_version: Any = 0  # the trainer bumps it after every in-place weight update
+
+        config = self.model.config
+        text_config = getattr(config, "text_config", config)
+        self.vocab_size: int = self.model.get_input_embeddings().num_embeddings
+        self.max_context: int = text_config.max_position_embeddings
+        self.image_token_id: int = config.image_token_id
+        self.video_token_id: int | None = getattr(config, "video_token_id", None)
+        self.merge_size: int = self.processor.image_processor.merge_size
+        self.pad_token_id: int = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
+        self.eos_token_ids: frozenset[int] = self._eos_ids()
+
+        self._counter = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-engine")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiting: deque[_Request] = deque()
+        self._arrived: asyncio.Event | None = None
+        self._scheduler: asyncio.Task | None = None
+        self._pending: set[_Request] = set()
+        self._closed = False
+        self.stats = {"batches": 0, "requests": 0, "max_batch_rows": 0}
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        generation_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if isinstance(generation_eos, int):
+            ids.add(generation_eos)
+        elif generation_eos is not None:
+            ids.update(int(i) for i in generation_eos)
+        return frozenset(ids)
+
+    # ----------------------------------------------------------------------------------------
+    # Public API
+
+    async def generate(
+        self,
+        input_ids: list[int],
+        images: list[ImageInput],
+        sampling_params: dict[str, Any],
+        *,
+        rid: str | None = None,
+    ) -> GenerateResult:
+        """Continue ``input_ids`` (see the module docstring for the semantics).
+
+        Raises EngineError(retriable=False, status=400) for a bad request: bad token ids, an image
+        that cannot be loaded, image count or pad-run length not matching the images, bad
+        sampling params, a prompt that fills the context. Internal failures during generation are
+        not raised: the result then has finish reason "abort" and the tokens produced so far.
+        """
+        if self._closed:
+            raise EngineError("the local engine is closed", retriable=False, status=503)
+        # The request number is taken before the first await so that the order of calls, not the
+        # order in which preparation finishes, decides each request's seed.
+        number = self._counter
+        self._counter += 1
+        try:
+            params = SamplingParams.from_dict(sampling_params)
+        except SamplingParamsError as exc:
+            raise EngineError(str(exc), retriable=False, status=400) from exc
+        seed = (
+            _derive_seed("sampling_seed", params.sampling_seed)
+            if params.sampling_seed is not None
+            else _derive_seed("engine", self.seed, number)
+        )
+        started = time.perf_counter()
+        request = await asyncio.to_thread(self._prepare, input_ids, list(images or []), params, seed, rid)
+        request.submitted = started
+        if request.max_new_tokens == 0:
+            return self._result(_Row(request, finish=Finish(FINISH_LENGTH, length=0)))
+        loop = asyncio.get_running_loop()
+        self._ensure_scheduler(loop)
+        request.future = loop.create_future()
+        self._pending.add(request)
+        request.future.add_done_callback(lambda fut, req=request: self._on_done(fut, req))
+        self._waiting.append(request)
+        self._arrived.set()
+        return await request.future
+
+    def abort(self, rid: str | None = None, message: str = "aborted by request") -> int:
+        """Stop the waiting and running requests with this ``rid`` (all of them when None). They
+        finish with reason "abort" and the tokens sampled so far. Returns how many were aborted."""
+        count = 0
+        for request in list(self._pending):
+            if rid is None or request.rid == rid:
+                request.abort_message = message
+                count += 1
+        return count
+
+    async def aclose(self) -> None:
+        """Abort everything in flight, stop the scheduler and the worker thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self.abort(message="the engine is shutting down")
+        scheduler = self._scheduler
+        # A scheduler started on another (finished) event loop died with that loop.
+        if scheduler is not None and not scheduler.done() and self._loop is asyncio.get_running_loop():
+            # The scheduler may be waiting on a running batch; the abort above ends it at its next step.
+            scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scheduler
+        running = asyncio.get_running_loop()
+        for request in list(self._pending):
+            future = request.future
+            if future is not None and not future.done() and future.get_loop() is running:
+                future.set_result(
+                    self._result(
+                        _Row(request, finish=Finish(FINISH_ABORT, message="the engine is shutting down"))
+                    )
+                )
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    async def __aenter__(self) -> LocalEngine:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # ----------------------------------------------------------------------------------------
+    # Request preparation (runs in a worker thread: image decoding and processing are CPU-heavy)
+
+    def _bad(self, message: str) -> EngineError:
+        return EngineError(message, retriable=False, status=400)
+
+    def _prepare(
+        self, input_ids: Any, images: list[ImageInput], params: SamplingParams, seed: int, rid: str | None
+    ) -> _Request:
+        if not isinstance(input_ids, list | tuple) or not input_ids:
+            raise self._bad("input_ids must be a non-empty list of token ids")
+        for position, token in enumerate(input_ids):
+            if not _is_int(token) or not 0 <= token < self.vocab_size:
+                raise self._bad(
+                    f"input_ids[{position}] = {token!r} is not a token id of this model "
+                    f"(integers in [0, {self.vocab_size}))"
+                )
+        for token in params.stop_token_ids:
+            if token >= self.vocab_size:
+                raise self._bad(
+                    f"stop_token_ids contains {token}, outside this model's vocabulary of {self.vocab_size}"
+                )
+        if self.video_token_id is not None and self.video_token_id in input_ids:
+            raise self._bad("input_ids contain <|video_pad|> tokens; this engine serves images only")
+
+        ids = list(input_ids)
+        runs = _pad_runs(ids, self.image_token_id)
+        if len(runs) != len(images):
+            raise self._bad(
+                f"input_ids contain {len(runs)} image pad run(s) but {len(images)} image(s) were sent; "
+                "send exactly one image per <|vision_start|><|image_pad|>...<|vision_end|> block, in order"
+            )
+        pixel_values = image_grid_thw = None
+        if images:
+            pil_images = []
+            for index, item in enumerate(images):
+                try:
+                    pil_images.append(load_image(item))
+                except ImageLoadError as exc:
+                    raise self._bad(f"image {index}: {exc}") from exc
+            processed = self.processor.image_processor(images=pil_images, return_tensors="pt")
+            pixel_values, image_grid_thw = processed["pixel_values"], processed["image_grid_thw"]
+            counts = (image_grid_thw.prod(-1) // self.merge_size**2).tolist()
+            expanded: list[int] = []
+            cursor = 0
+            for index, ((start, length), count) in enumerate(zip(runs, counts, strict=True)):
+                if length not in (1, count):
+                    size = pil_images[index].size
+                    raise self._bad(
+                        f"image {index} ({size[0]}x{size[1]}) needs {count} <|image_pad|> tokens but its pad run "
+                        f"has {length}; send one pad per image (expanded here) or the processor's full run"
+                    )
+                expanded += ids[cursor:start] + [self.image_token_id] * count
+                cursor = start + length
+            ids = expanded + ids[cursor:]
+
+        if len(ids) >= self.max_context:
+            raise self._bad(
+                f"the prompt has {len(ids)} tokens (image pads expanded); the model's context is "
+                f"{self.max_context}, leaving no room to generate"
+            )
+        max_new = params.max_new_tokens if params.max_new_tokens is not None else self.default_max_new_tokens
+        max_new = min(max_new, self.max_context - len(ids))
+        return _Request(
+            input_ids=ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            params=params,
+            max_new_tokens=max_new,
+            seed=seed,
+            rid=rid,
+            submitted=time.perf_counter(),
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Scheduling (event loop side)
+
+    def _ensure_scheduler(self, loop: asyncio.AbstractEventLoop) -> None:
+        # One scheduler per event loop: tests and tools may drive the engine from several loops
+        # over its lifetime (never concurrently), and asyncio primitives belong to one loop.
+        if self._loop is loop and self._scheduler is not None and not self._scheduler.done():
+            return
+        self._loop = loop
+        self._waiting = deque()
+        self._arrived = asyncio.Event()
+        self._scheduler = loop.create_task(self._schedule(self._waiting, self._arrived), name="local-engine")
+
+    def _on_done(self, future: asyncio.Future, request: _Request) -> None:
+        self._pending.discard(request)
+        if future.cancelled() and request.abort_message is None:
+            request.abort_message = "the caller cancelled the request"
+
+    async def _schedule(self, waiting: deque[_Request], arrived: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not waiting:
+                arrived.clear()
+                await arrived.wait()
+            deadline = loop.time() + self.batch_wait_s
+            while len(waiting) < self.max_batch_size:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = [waiting.popleft() for _ in range(min(self.max_batch_size, len(waiting)))]
+            live = [r for r in batch if r.future is not None and not r.future.done()]
+            if not live:
+                continue
+            results = await loop.run_in_executor(self._executor, self._run_batch, live)
+            for request, result in zip(live, results, strict=True):
+                if request.future is not None and not request.future.done():
+                    request.future.set_result(result)
+
+    # ----------------------------------------------------------------------------------------
+    # Generation (worker thread)
+
+    def _run_batch(self, requests: list[_Request]) -> list[GenerateResult]:
+        rows = [_Row(request) for request in requests]
+        self.stats["batches"] += 1
+        self.stats["requests"] += len(rows)
+        self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(rows))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self._decode(rows)
+        except Exception as exc:
+            logger.exception("local engine: generation failed for a batch of %d request(s)", len(rows))
+            for row in rows:
+                if row.finish is None:
+                    row.finish = Finish(FINISH_ABORT, message=f"engine error: {type(exc).__name__}: {exc}")
+        finally:
+            if was_training:
+                self.model.train()
+        return [self._result(row) for row in rows]
+
+    def _decode(self, rows: list[_Row]) -> None:
+        device = self.device
+        batch = len(rows)
+        lengths = [len(row.request.input_ids) for row in rows]
+        width = max(lengths)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((batch, width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - lengths[i] :] = torch.tensor(row.request.input_ids)
+            attention[i, width - lengths[i] :] = 1
+        pixel_values = [r.request.pixel_values for r in rows if r.request.pixel_values is not None]
+        grids = [r.request.image_grid_thw for r in rows if r.request.image_grid_thw is not None]
+        pixel_values_t = torch.cat(pixel_values).to(device) if pixel_values else None
+        grid_t = torch.cat(grids).to(device) if grids else None
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        token_types = mm_token_type_ids(input_ids, self.model.config) * attention
+
+        # Prompt positions from the model's own rule (3 x batch x width); each row's next text
+        # position is its largest prompt position + 1, and grows by one per generated token.
+        positions, deltas = self.model.model.get_rope_index(
+            input_ids, mm_token_type_ids=token_types, image_grid_thw=grid_t, attention_mask=attention
+        )
+        next_position = deltas.view(-1).to(device) + torch.tensor(lengths, device=device)
+
+        temperatures = torch.tensor([r.request.params.temperature for r in rows], device=device)
+        greedy_rows = [r.request.params.greedy for r in rows]
+        temperatures = torch.where(temperatures == 0, torch.ones_like(temperatures), temperatures)
+        top_k = torch.tensor([r.request.params.top_k for r in rows], device=device)
+        top_p = torch.tensor([r.request.params.top_p for r in rows], device=device)
+        filtering = bool(((top_k > 0) | (top_p < 1)).any())
+        generators = []
+        for row in rows:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(row.request.seed)
+            generators.append(generator)
+
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention,
+            position_ids=positions,
+            pixel_values=pixel_values_t,
+            image_grid_thw=grid_t,
+            mm_token_type_ids=token_types,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = outputs.past_key_values
+        logits = outputs.logits[:, -1, :]
+        steps = max(row.request.max_new_tokens for row in rows)
+        for step in range(steps):
+            log_probs = _processed_log_probs(logits.float(), temperatures, top_k, top_p, filtering)
+            next_tokens = self._sample(log_probs, greedy_rows, generators, rows)
+            chosen = log_probs.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1)
+            finite = torch.isfinite(chosen)
+            token_list, logp_list, finite_list = next_tokens.tolist(), chosen.tolist(), finite.tolist()
+            for i, row in enumerate(rows):
+                if row.finish is not None:
+                    continue
+                if row.request.abort_message is not None:
+                    row.finish = Finish(FINISH_ABORT, message=row.request.abort_message)
+                    continue
+                if not finite_list[i]:
+                    row.finish = Finish(FINISH_ABORT, message="the model produced non-finite logits")
+                    continue
+                row.tokens.append(token_list[i])
+                row.log_probs.append(logp_list[i])
+                row.finish = self._check_finished(row)
+            if all(row.finish is not None for row in rows) or step == steps - 1:
+                break
+            attention = torch.cat([attention, attention.new_ones((batch, 1))], dim=1)
+            step_positions = (next_position + step).view(1, batch, 1).expand(3, batch, 1)
+            outputs = self.model(
+                input_ids=next_tokens.unsqueeze(-1),
+                attention_mask=attention,
+                position_ids=step_positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = outputs.past_key_values
+            logits = outputs.logits[:, -1, :]
+        for row in rows:
+            if row.finish is None:
+                # Only reachable if a row's budget was larger than the loop ran, which would be a bug.
+                row.finish = Finish(FINISH_LENGTH, length=len(row.tokens))
+
+    def _sample(
+        self, log_probs: torch.Tensor, greedy: list[bool], generators: list[torch.Generator], rows: list[_Row]
+    ) -> torch.Tensor:
+        # Gumbel-max with per-row generators: row i draws exactly one vector of noise per step from
+        # its own generator, so its samples do not depend on the other rows of the batch.
+        scores = log_probs.clone()
+        for i, row in enumerate(rows):
+            if greedy[i] or row.finish is not None:
+                continue
+            noise = torch.empty(log_probs.shape[-1], device=log_probs.device, dtype=torch.float32)
+            noise.exponential_(generator=generators[i])
+            scores[i] -= noise.clamp_min_(1e-30).log_()
+        return scores.argmax(dim=-1)
+
+    def _check_finished(self, row: _Row) -> Finish | None:
+        params = row.request.params
+        if len(row.tokens) >= row.request.max_new_tokens:
+            return Finish(FINISH_LENGTH, length=row.request.max_new_tokens)
+        last = row.tokens[-1]
+        if not params.ignore_eos and (last in params.stop_token_ids or last in self.eos_token_ids):
+            return Finish(FINISH_STOP, matched=last)
+        if params.stop:
+            # Decode only a tail long enough to hold any stop string (a character can take up to
+            # four byte-level tokens), with special tokens kept so that stops can name them.
+            window = 4 * max(len(s) for s in params.stop) + 1
+            tail = self.tokenizer.decode(row.tokens[-window:], skip_special_tokens=False)
+            for stop in params.stop:
+                if stop in tail:
+                    return Finish(FINISH_STOP, matched=stop)
+        return None
+
+    def _result(self, row: _Row) -> GenerateResult:
+        request, finish = row.request, row.finish
+        assert finish is not None
+        params = request.params
+        decode_ids = row.tokens
+        if finish.reason == FINISH_STOP and isinstance(finish.matched, int) and not params.no_stop_trim:
+            decode_ids = row.tokens[:-1]
+        text = self.tokenizer.decode(decode_ids, skip_special_tokens=params.skip_special_tokens)
+        if finish.reason == FINISH_STOP and isinstance(finish.matched, str) and not params.no_stop_trim:
+            cut = text.find(finish.matched)
+            if cut >= 0:
+                text = text[:cut]
+        meta_info = {
+            "id": request.rid,
+            "finish_reason": finish.to_json(),
+            "prompt_tokens": len(request.input_ids),
+            "completion_tokens": len(row.tokens),
+            "cached_tokens": 0,
+            "weight_version": self.weight_version,
+            "e2e_latency": time.perf_counter() - request.submitted,
+        }
+        return GenerateResult(
+            token_ids=list(row.tokens),
+            log_probs=list(row.log_probs),
+            text=text,
+            finish_reason=finish.reason,
+            matched_stop=finish.matched if finish.reason == FINISH_STOP else None,
+            meta_info=meta_info,
+        )
+
+
+def _processed_log_probs(
+    logits: torch.Tensor,
+    temperatures: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    filtering: bool,
+) -> torch.Tensor:
+    """log_softmax of the scores after temperature, top-k and top-p, each row with its own values."""
+    scaled = logits / temperatures.unsqueeze(-1)
+    if filtering:
+        vocab = scaled.shape[-1]
+        sorted_scores, order = scaled.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=scaled.device).unsqueeze(0)
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+        remove = ranks >= k.unsqueeze(-1)
+        probs = sorted_scores.masked_fill(remove, -math.inf).softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        # Rows with top_p == 1 keep everything: rounding can push the cumulative mass above 1.
+        threshold = torch.where(top_p < 1, top_p, torch.full_like(top_p, math.inf))
+        remove |= mass_before > threshold.unsqueeze(-1)
+        remove[:, 0] = False
+        scaled = scaled.masked_fill(torch.zeros_like(remove).scatter(1, order, remove), -math.inf)
+    return torch.log_softmax(scaled, dim=-1)
