@@ -186,15 +186,20 @@ async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> 
         record.finish_reason = result.finish_reason
         record.matched_stop = result.matched_stop
         record.model_tokens = len(result.token_ids)
+        if left is not None and len(result.token_ids) > left:
+            return "FAILED", f"engine returned {len(result.token_ids)} tokens, more than the {left} requested"
+        vision = _first_vision_token(processing, result.token_ids)
+        if vision is not None:
+            # Keep only what precedes it: even a removed sample goes through the trainer's forward
+            # pass, which would look for image features that do not exist.
+            kept = result.token_ids[:vision]
+            text = processing.tokenizer.decode(kept, skip_special_tokens=False)
+            state.trajectory.append(Segment(kept, True, text, log_probs=list(result.log_probs[:vision])))
+            return "FAILED", "the model generated image placeholder tokens"
         state.trajectory.append(
             Segment(result.token_ids, True, result.text, log_probs=list(result.log_probs), meta_info=result.meta_info)
         )
         state.request_ids.extend(result.token_ids)
-        if left is not None and len(result.token_ids) > left:
-            return "FAILED", f"engine returned {len(result.token_ids)} tokens, more than the {left} requested"
-        if processing.image_pad_id in result.token_ids or processing.vision_start_id in result.token_ids:
-            # The trainer's forward pass would look for image features that do not exist.
-            return "FAILED", "the model generated image placeholder tokens"
         if result.finish_reason == FINISH_ABORT:
             return "ABORTED", "the engine aborted the request"
         if result.finish_reason == FINISH_LENGTH:
@@ -234,6 +239,11 @@ async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> 
         record.observation_text = text
         record.observation_images = len(images)
     return "COMPLETED", "max_turns reached"
+
+
+def _first_vision_token(processing: Processing, token_ids: list[int]) -> int | None:
+    vision = (processing.image_pad_id, processing.vision_start_id, processing.vision_end_id)
+    return next((i for i, token in enumerate(token_ids) if token in vision), None)
 
 
 def _encode_observation(ctx: EpisodeContext, env, observation, state: _State):

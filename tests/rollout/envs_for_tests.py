@@ -1,0 +1,80 @@
+"""Small env classes for episode tests, loaded through rollout_interaction_env_path (a .py file).
+
+``build_env(kind=...)`` picks one; none subclasses the project's base class, like envs written for
+slime's example.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from PIL import Image
+
+EVENTS: list[str] = []
+
+
+def _image(colour):
+    return Image.new("RGB", (56, 84), colour)
+
+
+class ImageFeedbackEnv:
+    """Every step answers with an image and text; never done."""
+
+    def __init__(self, colour=(10, 200, 30)):
+        self.colour = colour
+        self.outcome = {"score": 0.0}
+
+    def reset(self):
+        return {}, {}
+
+    def step(self, text):
+        return {"obs_str": "Look at this.", "multi_modal_data": {"image": [_image(self.colour)]}}, False, {"score": 0.0}
+
+    def format_observation(self, obs):
+        return {"role": "tool", "content": [{"type": "image", "image": obs["multi_modal_data"]["image"][0]},
+                                            {"type": "text", "text": obs["obs_str"]}]}  # fmt: skip
+
+    def close(self):
+        pass
+
+
+class TextFeedbackEnv:
+    def __init__(self, feedback="Try again.", role="tool"):
+        self.feedback = feedback
+        self.role = role
+
+    def reset(self):
+        return {}, {}
+
+    def step(self, text):
+        return {"obs_str": self.feedback}, False, {"score": 0.0}
+
+    def format_observation(self, obs):
+        return {"role": self.role, "content": obs["obs_str"]}
+
+    def close(self):
+        pass
+
+
+class RaisingEnv(TextFeedbackEnv):
+    def step(self, text):
+        raise RuntimeError("the tool backend is down")
+
+
+class SlowSyncEnv(TextFeedbackEnv):
+    """A synchronous step that blocks for a while, as math grading can."""
+
+    def step(self, text):
+        EVENTS.append(f"step on {threading.current_thread().name}")
+        time.sleep(0.3)
+        return {"obs_str": "ok"}, True, {"score": 1.0}
+
+
+def build_env(sample=None, args=None, kind="image", **kwargs):
+    return {
+        "image": ImageFeedbackEnv,
+        "text": TextFeedbackEnv,
+        "raising": RaisingEnv,
+        "slow": SlowSyncEnv,
+    }[kind](**kwargs)
