@@ -1,0 +1,180 @@
+"""The SGLang client against real HTTP servers on localhost that misbehave on purpose (PITFALLS 13)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+
+import pytest
+from aiohttp import web
+
+import rollout
+from rollout.engines.base import EngineError
+from rollout.engines.sglang_client import SGLangClient
+from rollout.sample import Sample
+
+from .conftest import call, make_args, make_sample
+
+Status = Sample.Status
+
+
+class FakeSGLang:
+    """Answers /generate from a script: ("ok", text_ids), ("status", code), ("sleep", s), ("garbage",)."""
+
+    def __init__(self, script):
+        self.script = list(script)
+        self.requests = []
+
+    async def handle(self, request):
+        self.requests.append(await request.json())
+        action = self.script.pop(0) if self.script else ("status", 500)
+        if action[0] == "ok":
+            ids = action[1]
+            return web.json_response({
+                "text": action[2] if len(action) > 2 else "t",
+                "meta_info": {
+                    "finish_reason": {"type": "stop", "matched": 151645},
+                    "output_token_logprobs": [[-0.5, t, None] for t in ids],
+                    "prompt_tokens": 3, "completion_tokens": len(ids), "cached_tokens": 0,
+                },
+            })  # fmt: skip
+        if action[0] == "status":
+            return web.json_response({"error": {"message": "nope"}}, status=action[1])
+        if action[0] == "sleep":
+            await asyncio.sleep(action[1])
+            return web.json_response({})
+        return web.Response(text="<html>not json</html>", content_type="text/html")
+
+
+@pytest.fixture
+async def serve():
+    runners = []
+
+    async def start(script):
+        fake = FakeSGLang(script)
+        app = web.Application()
+        app.router.add_post("/generate", fake.handle)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        port = site._server.sockets[0].getsockname()[1]
+        return fake, port
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_happy_path_request_shape(serve):
+    fake, port = await serve([("ok", [9707, 1879])])
+    client = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=5, max_retries=0)
+    from PIL import Image
+
+    result = await client.generate([1, 2, 3], [Image.new("RGB", (8, 8)), "data:image/png;base64,AAAA"], {"temperature": 1.0})
+    await client.close()
+    assert result.token_ids == [9707, 1879] and result.log_probs == [-0.5, -0.5]
+    assert result.finish_reason == "stop" and result.matched_stop == 151645
+    body = fake.requests[0]
+    assert body["input_ids"] == [1, 2, 3] and body["return_logprob"] is True
+    assert body["sampling_params"] == {"temperature": 1.0}
+    assert body["image_data"][0].startswith("data:image/png;base64,")
+    assert body["image_data"][1] == "data:image/png;base64,AAAA"
+
+
+async def test_5xx_is_retried_then_succeeds(serve):
+    fake, port = await serve([("status", 503), ("status", 502), ("ok", [5])])
+    client = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=5, max_retries=2, backoff_s=0.01)
+    result = await client.generate([1], [], {})
+    await client.close()
+    assert result.token_ids == [5] and len(fake.requests) == 3
+
+
+async def test_4xx_is_never_retried(serve):
+    fake, port = await serve([("status", 400), ("ok", [5])])
+    client = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=5, max_retries=5, backoff_s=0.01)
+    with pytest.raises(EngineError) as info:
+        await client.generate([1], [], {})
+    await client.close()
+    assert info.value.status == 400 and not info.value.retriable
+    assert "HTTP 400" in str(info.value) and "nope" in str(info.value)
+    assert len(fake.requests) == 1
+
+
+async def test_timeout_is_bounded(serve):
+    fake, port = await serve([("sleep", 5), ("sleep", 5)])
+    client = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=0.3, max_retries=1, backoff_s=0.01)
+    started = time.perf_counter()
+    with pytest.raises(EngineError, match="no answer .* within 0.3 s"):
+        await client.generate([1], [], {})
+    await client.close()
+    assert time.perf_counter() - started < 2.0
+    assert len(fake.requests) == 2
+
+
+async def test_connection_refused_gives_up_after_bounded_retries():
+    client = SGLangClient(f"http://127.0.0.1:{free_port()}", timeout_s=1, max_retries=2, backoff_s=0.01)
+    started = time.perf_counter()
+    with pytest.raises(EngineError, match="gave up after 3 attempts: ClientConnectorError"):
+        await client.generate([1], [], {})
+    await client.close()
+    assert time.perf_counter() - started < 2.0
+
+
+async def test_malformed_json_is_final(serve):
+    fake, port = await serve([("garbage",)])
+    client = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=5, max_retries=3, backoff_s=0.01)
+    with pytest.raises(EngineError, match="invalid JSON"):
+        await client.generate([1], [], {})
+    await client.close()
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [
+        ([("status", 500)] * 2, "HTTP 500"),
+        ([("status", 422)], "HTTP 422"),
+        ([("garbage",)], "invalid JSON"),
+    ],
+)
+async def test_server_faults_fail_the_sample_not_the_model(serve, qwen25_processing, script, reason, tmp_path):
+    fake, port = await serve(script)
+    tok = qwen25_processing.tokenizer
+    config = tmp_path / "plugin.yaml"
+    config.write_text(
+        json.dumps({"max_turns": 3, "request_timeout_s": 2.0, "request_max_retries": 1, "request_retry_backoff_s": 0.01})
+    )
+    args = make_args(None, custom_config_path=str(config), sglang_router_ip="127.0.0.1", sglang_router_port=port)
+    out = await rollout.generate(args, make_sample(tok), {"temperature": 1.0})
+    assert out.status == Status.FAILED and out.remove_sample and out.reward == 0.0
+    assert reason in out.metadata["status_reason"]
+    assert out.response_length == 0 and out.loss_mask == [] and out.rollout_log_probs == []
+
+
+async def test_full_episode_over_http_sends_each_image_encoded_once(serve, qwen25_processing, tmp_path, monkeypatch):
+    tok = qwen25_processing.tokenizer
+    ids4 = tok.encode(call("4"), add_special_tokens=False)
+    ids5 = tok.encode(call("5"), add_special_tokens=False)
+    fake, port = await serve([("ok", ids4, call("4")), ("ok", ids5, call("5"))])
+    import rollout.engines.sglang_client as client_module
+
+    encoded = []
+    real = client_module._data_uri
+    monkeypatch.setattr(client_module, "_data_uri", lambda image: encoded.append(image.size) or real(image))
+    args = make_args(None, sglang_router_ip="127.0.0.1", sglang_router_port=port)
+    out = await rollout.generate(args, make_sample(tok), {"temperature": 1.0})
+    assert out.status == Status.COMPLETED and out.metadata["outcome"]["score"] == 1.0
+    assert encoded == [(112, 112)]  # encoded once for two requests
+    assert fake.requests[0]["image_data"] == fake.requests[1]["image_data"]
+    # single_pad mode (the default): one pad per image in every request
+    assert fake.requests[1]["input_ids"].count(qwen25_processing.image_pad_id) == 1
