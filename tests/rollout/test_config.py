@@ -1,0 +1,86 @@
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rollout.config import ConfigError, RolloutConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_yaml_loads_with_the_documented_values():
+    config = RolloutConfig.from_yaml(REPO / "configs" / "geo3k_vlm_multi_turn.yaml")
+    assert config.max_turns == 3
+    assert config.rollout_interaction_env_path == "envs.geo3k"
+    assert config.env_kwargs == {"end_on_correct": True, "grade_final_answer": True, "grading_timeout_s": 5.0}
+    assert config.image_token_mode == "single_pad"
+
+
+def test_every_setting_in_the_dataclass_is_documented_in_the_yaml():
+    keys = set(yaml.safe_load((REPO / "configs" / "geo3k_vlm_multi_turn.yaml").read_text()))
+    assert keys == set(RolloutConfig.setting_names())
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"max_turn": 3}, "unknown plugin setting 'max_turn'. Did you mean 'max_turns'?"),
+        ({"rollout_interaction_env": "envs.geo3k"}, "Did you mean 'rollout_interaction_env_path'?"),
+        ({"max_turns": True}, "max_turns must be int, got bool True"),
+        ({"max_turns": "3"}, "max_turns must be int, got str '3'"),
+        ({"max_turns": 0}, "max_turns must be >= 1, got 0"),
+        ({"max_tokens_per_turn": 0}, "max_tokens_per_turn must be >= 1 or null, got 0"),
+        ({"image_token_mode": "expand"}, "Did you mean 'expanded'?"),
+        ({"request_timeout_s": -1}, "request_timeout_s must be > 0, got -1"),
+        ({"request_max_retries": -2}, "request_max_retries must be >= 0, got -2"),
+        ({"env_kwargs": ["a"]}, "env_kwargs must be dict, got list"),
+        ({"rollout_interaction_env_path": " "}, "rollout_interaction_env_path must name an env module"),
+    ],
+)
+def test_bad_values_name_the_key(values, message):
+    with pytest.raises(ConfigError, match=_literal(message)):
+        RolloutConfig.from_mapping(values)
+
+
+def _literal(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_yaml_file_typo_is_caught_through_slime_args(tmp_path):
+    path = tmp_path / "plugin.yaml"
+    path.write_text("max_turns: 2\nrollout_interaction_env_path: envs.geo3k\nend_on_corect: true\n")
+    # slime has already setattr-ed every top-level key, typo included; we read the file itself.
+    args = argparse.Namespace(custom_config_path=str(path), max_turns=2, end_on_corect=True)
+    with pytest.raises(ConfigError, match="unknown plugin setting 'end_on_corect'"):
+        RolloutConfig.from_args(args)
+
+
+def test_args_without_yaml_use_known_keys_and_defaults():
+    args = argparse.Namespace(max_turns=5, env_kwargs={"end_on_correct": False}, unrelated_slime_flag=1)
+    config = RolloutConfig.from_args(args)
+    assert config.max_turns == 5 and config.env_kwargs == {"end_on_correct": False}
+    assert config.request_max_retries == 3
+
+
+def test_yaml_is_reparsed_when_the_file_changes(tmp_path):
+    import os
+
+    path = tmp_path / "plugin.yaml"
+    path.write_text("max_turns: 2\n")
+    args = argparse.Namespace(custom_config_path=str(path))
+    assert RolloutConfig.from_args(args).max_turns == 2
+    path.write_text("max_turns: 4\n")
+    os.utime(path, (1, 1))
+    assert RolloutConfig.from_args(args).max_turns == 4
+
+
+def test_missing_or_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        RolloutConfig.from_args(argparse.Namespace(custom_config_path=str(tmp_path / "nope.yaml")))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_turns: [\n")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        RolloutConfig.from_yaml(bad)
