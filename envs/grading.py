@@ -189,7 +189,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
         fallback: list[Any] = []
         for wrapped in (f"\\boxed{{{answer}}}", f"${answer}$"):
             parsed = parse(wrapped, parsing_timeout=None)
-            if any(not isinstance(item, str) for item in parsed):
+            if _has_math(parsed):
                 return parsed
             fallback = fallback or parsed
         return fallback
@@ -203,7 +203,9 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
                 f"the reference answer {label[:80]!r} could not be parsed",
             )
         pred = parse_math(answer)
-        if not pred:
+        # A math label against an answer math-verify could only read as text would be a string
+        # comparison that cannot succeed; saying so is the more useful feedback.
+        if not pred or (_has_math(gold) and not _has_math(pred)):
             return (
                 GradeStatus.PARSE_ERROR.value,
                 "",
@@ -234,6 +236,11 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
         except Exception as exc:  # math-verify swallows most errors; anything else is a parse failure
             reply = (GradeStatus.PARSE_ERROR.value, "", f"{type(exc).__name__}: {str(exc)[:200]}")
         conn.send(reply)
+
+
+def _has_math(parsed: list[Any]) -> bool:
+    """True if math-verify read a sympy object, not just a string."""
+    return any(not isinstance(item, str) for item in parsed)
 
 
 def _exit_with_parent() -> None:

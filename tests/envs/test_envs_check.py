@@ -1,0 +1,243 @@
+"""The env checker: it passes envs.geo3k and good envs, and pins the messages for broken ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from envs.check import Violation, check_env_module, check_message, main, step_inputs
+from envs.grading import Grader
+
+CASES = [name for name, _ in step_inputs()]
+ALL_STEPS = [*CASES, "valid call (episode 1)", "valid call (episode 2)"]
+RAISE_ADVICE = "step must turn any model text into feedback, never raise"
+
+
+def _errors(report) -> list[tuple[str, str, list[str]]]:
+    return [(v.where, v.message, v.cases) for v in report.errors]
+
+
+def test_geo3k_passes(grader: Grader) -> None:
+    report = check_env_module("envs.geo3k", env_kwargs={"grader": grader, "grading_timeout_s": 1.0})
+    assert report.errors == []
+    assert report.warnings == []
+    assert report.ok
+    assert [t.case for t in report.timings] == ALL_STEPS
+    outcomes = {t.case: t.outcome for t in report.timings}
+    # label "3": a correct call and a correct final answer end the episode; a wrong one does not.
+    assert (outcomes["valid call"], outcomes["wrong answer"], outcomes["final boxed answer"]) == (
+        "done=True",
+        "done=False",
+        "done=True",
+    )
+    timings = {t.case: t.seconds for t in report.timings}
+    assert 1.0 <= timings["hostile math"] < 4.0
+    assert max(s for case, s in timings.items() if case != "hostile math") < 4.0
+    assert report.render().endswith("PASS: 0 error(s), 0 warning(s)")
+
+
+def test_battery_covers_the_hostile_inputs() -> None:
+    texts = dict(step_inputs())
+    assert len(texts["huge (1 MB)"]) == 1_000_000
+    assert texts["empty"] == ""
+    assert texts["nested braces"].count("{") == 10_000
+    assert texts["several calls"].count("<tool_call>") == 4
+    assert CASES == [
+        "valid call",
+        "wrong answer",
+        "garbage",
+        "empty",
+        "whitespace",
+        "huge (1 MB)",
+        "unicode",
+        "malformed JSON",
+        "single quotes",
+        "unterminated call",
+        "several calls",
+        "nested braces",
+        "nested arrays",
+        "final boxed answer",
+        "hostile math",
+    ]
+
+
+def test_slime_style_env_passes_with_a_warning_about_tools(fixtures_dir: Path) -> None:
+    report = check_env_module(str(fixtures_dir / "good_sync_env.py"))
+    assert report.ok
+    assert [str(w) for w in report.warnings] == [
+        "env.tools: the env declares no tools; chat templates render tools=env.tools into the prompt"
+    ]
+
+
+def test_async_env_with_images_passes(fixtures_dir: Path) -> None:
+    report = check_env_module(str(fixtures_dir / "good_async_env.py"))
+    assert (report.errors, report.warnings) == ([], [])
+    assert {t.case: t.outcome for t in report.timings}["empty"] == "done=False"
+
+
+def test_env_that_raises_on_model_text(fixtures_dir: Path) -> None:
+    path = fixtures_dir / "raising_env.py"
+    report = check_env_module(str(path))
+    assert not report.ok
+    assert _errors(report) == [
+        (
+            "step",
+            f"raised IndexError: list index out of range at {path}:15; {RAISE_ADVICE}",
+            ["garbage", "empty", "whitespace", "final boxed answer"],
+        ),
+        (
+            "step",
+            "raised JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 52 "
+            f"(char 51) at {path}:16; {RAISE_ADVICE}",
+            ["malformed JSON"],
+        ),
+        (
+            "step",
+            "raised JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 "
+            f"(char 1) at {path}:16; {RAISE_ADVICE}",
+            ["single quotes", "nested braces"],
+        ),
+        (
+            "step",
+            "raised RecursionError: maximum recursion depth exceeded while decoding a JSON array from a unicode "
+            f"string at {path}:16; {RAISE_ADVICE}",
+            ["nested arrays"],
+        ),
+    ]
+
+
+def test_env_with_wrong_shapes_and_a_bad_message(fixtures_dir: Path) -> None:
+    report = check_env_module(str(fixtures_dir / "bad_shapes_env.py"))
+    text_cases = ["garbage", "whitespace", "final boxed answer"]
+    call_cases = [c for c in ALL_STEPS if c not in (*text_cases, "empty")]
+    assert _errors(report) == [
+        ("reset()", "returned a dict; expected a tuple (observation: dict, info: dict)", ALL_STEPS),
+        ("step", "returned done of type int; expected a bool", call_cases),
+        ("step", "info is a NoneType; expected a dict", call_cases),
+        (
+            "format_observation",
+            "content part 0 has type 'img'; expected 'text' or 'image'",
+            [c for c in ALL_STEPS if c != "empty"],
+        ),
+        (
+            "format_observation",
+            "content part 1 (image) needs 'image' as a PIL.Image.Image, got str",
+            [c for c in ALL_STEPS if c != "empty"],
+        ),
+        ("step", "observation['obs_str'] is a list of 3 (str, str, str); expected a str", text_cases),
+        (
+            "step",
+            "returned a tuple of 2 (dict, bool); expected a tuple (observation: dict, done: bool, info: dict)",
+            ["empty"],
+        ),
+    ]
+    assert {t.case: t.outcome for t in report.timings}["valid call"] == "done=1 (not a bool)"
+
+
+def test_env_missing_format_observation(fixtures_dir: Path) -> None:
+    path = fixtures_dir / "missing_method_env.py"
+    report = check_env_module(str(path))
+    assert [str(e) for e in report.errors] == [
+        f"build_env: build_env of '{path}' returned NoFormat, which has no callable format_observation. The "
+        "module defines format_observation as a function; make it a method of the env. Fix: define `def "
+        "build_env(sample=None, args=None, **kwargs)` returning an env with reset(), step(text) and "
+        "format_observation(obs) (subclass envs.base.BaseInteractionEnv)"
+    ]
+    assert report.timings == []
+
+
+def test_env_whose_step_hangs(fixtures_dir: Path) -> None:
+    report = check_env_module(str(fixtures_dir / "slow_env.py"), step_timeout_s=0.2, cases=["empty"])
+    assert [str(e) for e in report.errors] == [
+        "step: did not return within 0.2 s; a step must bound its own work [in: empty, valid call (episode 1)]"
+    ]
+    assert [t.outcome for t in report.timings] == ["hung", "hung"]
+
+
+@pytest.mark.parametrize(
+    ("name", "start"),
+    [
+        ("import_error_env.py", "load: importing env file '{path}' failed with KeyError: 'max_turn'\n"),
+        ("no_build_env.py", "load: env module '{path}' has no callable build_env (build_env is missing)."),
+    ],
+)
+def test_modules_that_do_not_load(fixtures_dir: Path, name: str, start: str) -> None:
+    path = fixtures_dir / name
+    report = check_env_module(str(path))
+    assert len(report.errors) == 1
+    assert str(report.errors[0]).startswith(start.format(path=path))
+
+
+def test_geo3k_rejects_unknown_build_kwargs(grader: Grader) -> None:
+    report = check_env_module("envs.geo3k", env_kwargs={"grader": grader, "max_turn": 2})
+    assert [str(e) for e in report.errors] == [
+        "build_env: raised EnvConfigError: unknown Geo3kEnv setting 'max_turn'. Did you mean 'max_turns'? Valid "
+        "settings: max_turns, end_on_correct, grade_final_answer, grading_timeout_s, feedback_role, grader at "
+        f"{Path(__file__).resolve().parents[2] / 'envs' / 'geo3k' / 'env.py'}:{_line_of_reject_unknown()}"
+    ]
+
+
+def _line_of_reject_unknown() -> int:
+    import inspect
+
+    from envs.geo3k import env
+
+    source, first = inspect.getsourcelines(env._reject_unknown)
+    return first + next(i for i, line in enumerate(source) if "raise EnvConfigError" in line)
+
+
+@pytest.mark.parametrize(
+    ("message", "errors", "warnings"),
+    [
+        ({"role": "tool", "content": "ok"}, [], []),
+        (
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": Image.new("RGB", (2, 2))},
+                    {"type": "text", "text": "t"},
+                ],
+            },
+            [],
+            [],
+        ),
+        ("text", ["returned str; expected a dict with 'role' and 'content'"], []),
+        ({"content": "x"}, ["'role' must be a non-empty string, got None"], []),
+        ({"role": "tool"}, ["the message has no 'content'"], []),
+        (
+            {"role": "observer", "content": "x"},
+            [],
+            ["role 'observer' is not one of system, user, assistant, tool; chat templates may reject it"],
+        ),
+        ({"role": "tool", "content": 3}, ["'content' must be a string or a list of parts, got int"], []),
+        ({"role": "tool", "content": ["x"]}, ["content part 0 is a str; expected a dict with a 'type'"], []),
+        (
+            {"role": "tool", "content": [{"type": "text", "text": None}]},
+            ["content part 0 (text) needs 'text' as a string, got None"],
+            [],
+        ),
+    ],
+)
+def test_check_message(message, errors: list[str], warnings: list[str]) -> None:
+    assert check_message(message) == (errors, warnings)
+
+
+def test_violation_lists_at_most_four_cases() -> None:
+    v = Violation("step", "boom", ["a", "b", "c", "d", "e", "f"])
+    assert str(v) == "step: boom [in: a, b, c, d and 2 more]"
+
+
+def test_cli_exit_status_and_report(fixtures_dir: Path, capsys) -> None:
+    assert main([str(fixtures_dir / "good_sync_env.py")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"Checking env module {fixtures_dir / 'good_sync_env.py'}\n  step times:\n")
+    assert out.rstrip().endswith("PASS: 0 error(s), 1 warning(s)")
+    assert main([str(fixtures_dir / "raising_env.py")]) == 1
+    assert capsys.readouterr().out.rstrip().endswith("FAIL: 4 error(s), 0 warning(s)")
+
+
+def test_cli_passes_kwargs_to_build_env(capsys) -> None:
+    assert main(["envs.geo3k", "--set", "max_turns=0"]) == 1
+    assert "Geo3kEnv setting 'max_turns' must be an integer >= 1, got 0" in capsys.readouterr().out

@@ -1,0 +1,333 @@
+"""Grading: geo3k's answer forms, hostile answers, threads, asyncio, dead workers, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from envs.grading import (
+    Grader,
+    GradeStatus,
+    close_default_grader,
+    extract_boxed,
+    get_default_grader,
+    prepare_answer,
+)
+
+HOSTILE = "\\boxed{10^{10^{10^{10}}}}"
+# A worker killed for overrunning is replaced in the background; a call right after may wait for
+# the replacement to import math-verify (about 0.5 s here, more on a loaded machine).
+MARGIN_S = 3.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("\\boxed{5}", "5"),
+        ("so \\boxed{\\frac{1}{2}} ok", "\\frac{1}{2}"),
+        ("\\boxed{2\\sqrt{3}}", "2\\sqrt{3}"),
+        ("\\boxed{{a}{b{c}}}", "{a}{b{c}}"),
+        ("\\boxed{1} then \\boxed{2}", "2"),
+        ("\\boxed{1} then \\boxed{2", "1"),
+        ("\\boxed{\\{1, 2\\}}", "\\{1, 2\\}"),
+        ("\\fbox{7}", "7"),
+        ("\\boxed 5 cm", "5"),
+        ("\\boxed {x = 5}", "x = 5"),
+        ("Answer: \\boxed{60^\\circ}.", "60^\\circ"),
+        ("no box here", None),
+        ("\\boxedfoo{5}", None),
+        ("\\boxed{", None),
+        ("\\boxed{" + "1" * 5000 + "}", None),
+    ],
+)
+def test_extract_boxed(text: str, expected: str | None) -> None:
+    assert extract_boxed(text) == expected
+
+
+def test_extract_boxed_is_fast_on_hostile_text() -> None:
+    text = "\\boxed{" * 200_000 + "{" * 1_000_000
+    start = time.perf_counter()
+    assert extract_boxed(text) is None
+    assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("  7/2 ", "7/2"),
+        ("$60°$", "60^\\circ"),
+        ("\\boxed{60°}", "60^\\circ"),
+        ("Answer: \\boxed{\\frac{17}{2}}.", "\\frac{17}{2}"),
+        ("\\(x = 5\\)", "x = 5"),
+        ("12.", "12"),
+        ("", ""),
+    ],
+)
+def test_prepare_answer(text: str, expected: str) -> None:
+    assert prepare_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("answer", "label", "status", "parsed"),
+    [
+        ("\\boxed{2\\sqrt{3}}", "2\\sqrt{3}", GradeStatus.CORRECT, "2\\sqrt{3}"),
+        ("2\\sqrt{3}", "2\\sqrt{3}", GradeStatus.CORRECT, "2\\sqrt{3}"),
+        ("\\sqrt{12}", "2\\sqrt{3}", GradeStatus.CORRECT, "\\sqrt{12}"),
+        ("7/2", "3.5", GradeStatus.CORRECT, "\\frac{7}{2}"),
+        ("3.5", "\\frac{7}{2}", GradeStatus.CORRECT, "3.5"),
+        ("60^\\circ", "60", GradeStatus.CORRECT, "60^\\circ"),
+        ("60°", "60", GradeStatus.CORRECT, "60^\\circ"),
+        ("\\boxed{60°}", "60", GradeStatus.CORRECT, "60^\\circ"),
+        ("x = 5", "5", GradeStatus.CORRECT, "x = 5"),
+        ("\\frac{1}{2}", "\\frac{1}{2}", GradeStatus.CORRECT, "\\frac{1}{2}"),
+        ("0.5", "\\frac{1}{2}", GradeStatus.CORRECT, "\\frac{1}{2}"),
+        ("4\\pi", "4\\pi", GradeStatus.CORRECT, "4\\pi"),
+        ("16", "16", GradeStatus.CORRECT, "16"),
+        (
+            "Answer: \\boxed{\\frac{\\sqrt{3}}{2}}",
+            "\\frac{\\sqrt{3}}{2}",
+            GradeStatus.CORRECT,
+            "\\frac{\\sqrt{3}}{2}",
+        ),
+        ("3\\sqrt{3}", "2\\sqrt{3}", GradeStatus.INCORRECT, "3\\sqrt{3}"),
+        ("7/3", "3.5", GradeStatus.INCORRECT, "\\frac{7}{3}"),
+        ("61", "60", GradeStatus.INCORRECT, "61"),
+        ("x = 6", "5", GradeStatus.INCORRECT, "x = 6"),
+        ("\\frac{1}{3}", "\\frac{1}{2}", GradeStatus.INCORRECT, "\\frac{1}{3}"),
+        ("12.566", "4\\pi", GradeStatus.INCORRECT, "12.566"),
+    ],
+)
+def test_geo3k_answer_forms(
+    grader: Grader, answer: str, label: str, status: GradeStatus, parsed: str
+) -> None:
+    result = grader.grade(answer, label)
+    assert (result.status, result.score, result.parsed_answer, result.detail) == (
+        status,
+        1.0 if status is GradeStatus.CORRECT else 0.0,
+        parsed,
+        None,
+    )
+    assert result.correct is (status is GradeStatus.CORRECT)
+    assert 0 < result.elapsed_s < 1.0
+
+
+@pytest.mark.parametrize(
+    ("answer", "label", "detail"),
+    [
+        ("", "3", "the answer is empty"),
+        ("\\boxed{}", "3", "the answer is empty"),
+        ("1" * 1001, "3", "the answer is 1001 characters long (at most 1000)"),
+        ("3", "  ", "the reference answer is empty"),
+    ],
+)
+def test_answers_that_cannot_be_graded(grader: Grader, answer: str, label: str, detail: str) -> None:
+    result = grader.grade(answer, label)
+    assert (result.status, result.score, result.parsed_answer, result.detail) == (
+        GradeStatus.PARSE_ERROR,
+        0.0,
+        "",
+        detail,
+    )
+    assert not result.status.graded
+
+
+@pytest.mark.parametrize(
+    ("answer", "detail"),
+    [
+        ("@@", "'@@' could not be read as a math expression"),
+        ("???", "'???' could not be read as a math expression"),
+        ("\\", "'\\\\' could not be read as a math expression"),
+    ],
+)
+def test_text_answers_to_a_math_label_are_parse_errors(grader: Grader, answer: str, detail: str) -> None:
+    result = grader.grade(answer, "5")
+    assert (result.status, result.score, result.detail) == (GradeStatus.PARSE_ERROR, 0.0, detail)
+
+
+@pytest.mark.parametrize(("answer", "status"), [("A", GradeStatus.CORRECT), ("B", GradeStatus.INCORRECT)])
+def test_text_labels_compare_as_text(grader: Grader, answer: str, status: GradeStatus) -> None:
+    assert grader.grade(answer, "A").status is status
+
+
+@pytest.mark.parametrize("hostile", [HOSTILE, "\\boxed{9!!!!!}"])
+def test_hostile_answer_times_out(grader: Grader, hostile: str) -> None:
+    start = time.monotonic()
+    result = grader.grade(hostile, "3", timeout_s=1.0)
+    wall = time.monotonic() - start
+    assert (result.status, result.score, result.detail) == (
+        GradeStatus.TIMEOUT,
+        0.0,
+        "grading took longer than 1 s",
+    )
+    assert result.status.value == "not graded: timeout"
+    assert 1.0 <= result.elapsed_s <= wall < 1.0 + MARGIN_S
+    # The overrunning worker was replaced: grading goes on.
+    assert grader.grade("3", "3").status is GradeStatus.CORRECT
+
+
+def test_grading_from_eight_threads_at_once(grader: Grader) -> None:
+    answers = ["1", "2", "3", "3.0", "6/2", "\\sqrt{9}", "4", "x = 3"]
+    results: dict[str, GradeStatus] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(answers))
+
+    def grade(answer: str) -> None:
+        try:
+            barrier.wait()
+            results[answer] = grader.grade(answer, "3").status
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=grade, args=(a,)) for a in answers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    correct = {a for a, s in results.items() if s is GradeStatus.CORRECT}
+    incorrect = {a for a, s in results.items() if s is GradeStatus.INCORRECT}
+    assert (correct, incorrect) == ({"3", "3.0", "6/2", "\\sqrt{9}", "x = 3"}, {"1", "2", "4"})
+
+
+async def test_grade_async_does_not_block_the_event_loop(grader: Grader) -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.05)
+            ticks += 1
+
+    task = asyncio.create_task(ticker())
+    result = await grader.grade_async(HOSTILE, "3", timeout_s=1.0)
+    task.cancel()
+    assert result.status is GradeStatus.TIMEOUT
+    # About 20 ticks happen in the 1 s of grading when the loop is free; none if it were blocked.
+    assert ticks >= 10
+    correct = await asyncio.gather(*(grader.grade_async(a, "2") for a in ("2", "4/2", "3")))
+    assert [r.status for r in correct] == [GradeStatus.CORRECT, GradeStatus.CORRECT, GradeStatus.INCORRECT]
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().split(")")[-1].split()[0] == "Z":
+                    return  # a zombie: dead, waiting for its parent to reap it
+        except FileNotFoundError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still alive after {timeout} s")
+
+
+def test_a_worker_killed_while_idle_is_replaced(grader: Grader) -> None:
+    grader.wait_ready()
+    before = grader.worker_pids()
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    for pid in before:
+        _wait_gone(pid)
+    # Dead idle workers are not the answer's fault: the call is served by a replacement.
+    assert grader.grade("\\frac{6}{2}", "3").status is GradeStatus.CORRECT
+    after = grader.worker_pids()
+    assert len(after) == 2
+    assert set(after).isdisjoint(before)
+
+
+def test_a_worker_that_dies_while_grading_is_reported_and_replaced() -> None:
+    with Grader(workers=1, timeout_s=10.0) as grader:
+        grader.wait_ready()
+        (pid,) = grader.worker_pids()
+        threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+        result = grader.grade(HOSTILE, "3")
+        assert result.status is GradeStatus.WORKER_CRASHED
+        assert result.detail == "the grading worker died (exit code -9)"
+        assert result.elapsed_s < 5.0
+        assert grader.grade("3", "3").status is GradeStatus.CORRECT
+        assert grader.worker_pids() != [pid]
+
+
+def test_close_kills_workers_and_later_calls_are_unavailable() -> None:
+    grader = Grader(workers=1)
+    assert grader.worker_pids() == []  # nothing starts before first use
+    assert grader.grade("1", "1").status is GradeStatus.CORRECT
+    (pid,) = grader.worker_pids()
+    grader.close()
+    _wait_gone(pid)
+    result = grader.grade("1", "1")
+    assert (result.status, result.detail) == (GradeStatus.UNAVAILABLE, "the grader is closed")
+    grader.close()  # idempotent
+    with pytest.raises(RuntimeError, match="this Grader is closed; create a new one"):
+        grader.start()
+
+
+def test_no_worker_outlives_the_interpreter(tmp_path: Path) -> None:
+    script = tmp_path / "grade_and_exit.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            from envs.grading import get_default_grader
+
+            if __name__ == "__main__":
+                grader = get_default_grader()
+                print(grader.grade("\\\\boxed{7/2}", "3.5").status.value)
+                print(*grader.worker_pids())
+            """
+        )
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    status, pids = done.stdout.splitlines()
+    assert status == "correct"
+    for pid in map(int, pids.split()):
+        _wait_gone(pid)
+
+
+def test_default_grader_is_lazy_and_replaced_after_close() -> None:
+    close_default_grader()
+    first = get_default_grader()
+    assert get_default_grader() is first
+    assert (first.workers, first.timeout_s, first.worker_pids()) == (2, 5.0, [])
+    close_default_grader()
+    assert first.closed
+    second = get_default_grader()
+    assert second is not first
+    close_default_grader()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"workers": 0}, "Grader workers must be an integer >= 1, got 0"),
+        ({"timeout_s": 0}, "timeout_s must be a positive number of seconds, got 0"),
+        ({"wait_timeout_s": float("inf")}, "wait_timeout_s must be a positive number of seconds, got inf"),
+        (
+            {"start_method": "fork"},
+            "Grader start_method must be 'spawn' or 'forkserver', got 'fork' "
+            "('fork' would copy the parent's threads into the worker)",
+        ),
+    ],
+)
+def test_invalid_grader_settings(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        Grader(**kwargs)
+    assert str(info.value) == message
+
+
+def test_wrong_argument_types_are_programming_errors(grader: Grader) -> None:
+    with pytest.raises(TypeError, match="grade\\(answer, label\\) takes two str, got int and str"):
+        grader.grade(3, "3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout_s must be a positive number of seconds, got -1"):
+        grader.grade("3", "3", timeout_s=-1)
