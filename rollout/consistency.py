@@ -137,12 +137,26 @@ def check_logprob_consistency(model, sample: Any, *, temperature: float = 1.0) -
     return _report(_diffs(model, [sample], temperature, [None]))
 
 
+def _pads_without_images(model, sample: Any) -> bool:
+    mm = getattr(sample, "multimodal_train_inputs", None) or {}
+    return mm.get("image_grid_thw") is None and model.config.image_token_id in sample.tokens
+
+
 def check_logprob_consistency_batch(
     model, samples: Sequence[Any], *, temperature: float = 1.0, micro_batch_size: int = 8
 ) -> ConsistencyReport:
-    """The same over many samples (left-padded micro-batches); the report pools all their tokens."""
+    """The same over many samples (left-padded micro-batches); the report pools all their tokens.
+
+    A sample whose tokens hold image pads but which carries no images (dropped multimodal inputs)
+    is scored on its own, so that it shows up as a large difference instead of breaking the
+    feature count of the micro-batch it would share.
+    """
+    indexed = list(enumerate(samples))
+    blind = [(i, s) for i, s in indexed if _pads_without_images(model, s)]
+    sighted = [(i, s) for i, s in indexed if not _pads_without_images(model, s)]
+    chunks = [sighted[start : start + micro_batch_size] for start in range(0, len(sighted), micro_batch_size)]
+    chunks += [[item] for item in blind]
     diffs: list[torch.Tensor] = []
-    for start in range(0, len(samples), micro_batch_size):
-        chunk = samples[start : start + micro_batch_size]
-        diffs += _diffs(model, chunk, temperature, list(range(start, start + len(chunk))))
+    for chunk in chunks:
+        diffs += _diffs(model, [s for _, s in chunk], temperature, [i for i, _ in chunk])
     return _report(diffs)

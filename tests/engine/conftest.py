@@ -1,0 +1,58 @@
+"""Helpers for the engine tests: deterministic images and chat-templated prompts with image pads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from models.logprobs import token_log_probs
+
+
+def make_image(size: int, seed: int) -> Image.Image:
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    draw.polygon(
+        [(10 + seed * 5, size - 10), (size - 10, size - 10), (size - 10, 10 + seed * 3)], outline=(0, 0, 0)
+    )
+    draw.rectangle([seed * 7, seed * 5, seed * 7 + 20, seed * 5 + 12], fill=(200, 37 * seed % 255, 90))
+    return image
+
+
+def chat_text(policy, question: str, images: int = 1) -> str:
+    content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    return policy.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def single_pad_ids(policy, text: str) -> list[int]:
+    """The prompt as a client sends it to SGLang: one <|image_pad|> per image."""
+    return policy.tokenizer(text)["input_ids"]
+
+
+def expanded_inputs(policy, text: str, images: list[Image.Image]) -> dict:
+    """The prompt as the trainer sees it: the processor's expanded pads, pixel_values, grids."""
+    return policy.processor(text=[text], images=images or None, return_tensors="pt")
+
+
+def teacher_forced(policy, prompt: dict, generated: list[int], temperature: float = 1.0) -> torch.Tensor:
+    sequence = torch.cat([prompt["input_ids"], torch.tensor([generated])], dim=1)
+    with torch.no_grad():
+        return token_log_probs(
+            policy.model,
+            sequence,
+            len(generated),
+            pixel_values=prompt.get("pixel_values"),
+            image_grid_thw=prompt.get("image_grid_thw"),
+            temperature=temperature,
+        )[0]
+
+
+@pytest.fixture
+def image_a() -> Image.Image:
+    return make_image(84, 1)
+
+
+@pytest.fixture
+def image_b() -> Image.Image:
+    return make_image(112, 3)
