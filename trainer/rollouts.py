@@ -1,0 +1,142 @@
+"""Running one rollout on the local backend: prompts -> n episodes each -> rewards.
+
+The episodes are the plugin's own (``rollout.generate`` and ``rollout.reward``, exactly what slime
+calls), run concurrently with ``asyncio.gather`` against an in-process engine that generates with
+the model being trained. ``args`` is built like slime's: the plugin YAML's top-level keys are set on
+a namespace with ``setattr`` (slime's merge), and the engine is handed over as ``args.rollout_engine``.
+
+Sampling is a pure function of the run's seed: each episode gets a seed derived from
+``(seed, rollout_id, sample position)`` and each of its turns one derived from that and the
+turn's prompt length (which grows every turn). The tokens an episode samples therefore do not
+depend on thread timing or on which episodes share an engine batch, so a resumed run samples
+what the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import types
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.config import TrainConfig
+from trainer.data import Prompt
+
+
+def derive_seed(*parts: Any) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class TurnSeededEngine:
+    """Wraps an engine so that each request's ``sampling_seed`` is unique per (episode, turn)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def generate(self, input_ids: list[int], images: list[Any], sampling_params: dict[str, Any]):
+        params = dict(sampling_params)
+        episode_seed = params.get("sampling_seed")
+        if episode_seed is not None:
+            params["sampling_seed"] = derive_seed(episode_seed, len(input_ids))
+        return await self.engine.generate(input_ids, images, params)
+
+    @property
+    def weight_version(self) -> Any:
+        return self.engine.weight_version
+
+
+def plugin_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The plugin YAML's settings with the trainer's overrides (``max_turns``, ``env_kwargs``)."""
+    path = Path(cfg.custom_config_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"plugin config {path} does not exist; pass the YAML with max_turns and "
+            "rollout_interaction_env_path (e.g. configs/geo3k_vlm_multi_turn.yaml) as custom_config_path"
+        )
+    settings = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"plugin config {path} must be a mapping of settings, got {type(settings).__name__}")
+    if cfg.max_turns is not None:
+        settings["max_turns"] = cfg.max_turns
+    if cfg.env_kwargs is not None:
+        settings["env_kwargs"] = dict(cfg.env_kwargs)
+    return settings
+
+
+def rollout_args(cfg: TrainConfig, engine: Any, hf_checkpoint: str) -> types.SimpleNamespace:
+    """slime-like args for ``rollout.generate``: slime's fields the plugin reads, plus the plugin keys."""
+    args = types.SimpleNamespace(
+        rollout_engine=engine,
+        hf_checkpoint=hf_checkpoint,
+        rollout_max_response_len=cfg.rollout_max_response_len,
+        rollout_max_context_len=None,
+        rollout_temperature=cfg.rollout_temperature,
+        n_samples_per_prompt=cfg.n_samples_per_prompt,
+        apply_chat_template=True,
+        apply_chat_template_kwargs={},
+        partial_rollout=False,
+    )
+    # slime merges the YAML into args key by key; the plugin validates the values it reads.
+    for key, value in plugin_settings(cfg).items():
+        setattr(args, key, value)
+    return args
+
+
+def sampling_params(cfg: TrainConfig, seed: int) -> dict[str, Any]:
+    """slime's sampling params for a rollout (SGLang names), plus the episode's seed."""
+    params: dict[str, Any] = {
+        "temperature": cfg.rollout_temperature,
+        "top_p": cfg.rollout_top_p,
+        "top_k": cfg.rollout_top_k,
+        "max_new_tokens": cfg.rollout_max_response_len,
+        "skip_special_tokens": False,
+        "no_stop_trim": True,
+        "spaces_between_special_tokens": False,
+        "sampling_seed": seed,
+    }
+    if cfg.rollout_stop:
+        params["stop"] = list(cfg.rollout_stop)
+    if cfg.rollout_stop_token_ids:
+        params["stop_token_ids"] = list(cfg.rollout_stop_token_ids)
+    return params
+
+
+def build_group_samples(prompts: list[Prompt], cfg: TrainConfig, tokenizer, rollout_id: int) -> list[Any]:
+    """``n_samples_per_prompt`` fresh samples per prompt, prompt-major (a group's samples adjacent)."""
+    from rollout.prompts import build_sample
+
+    samples = []
+    for g, prompt in enumerate(prompts):
+        group_index = rollout_id * cfg.rollout_batch_size + g
+        for j in range(cfg.n_samples_per_prompt):
+            samples.append(
+                build_sample(
+                    prompt.problem,
+                    prompt.images,
+                    prompt.label,
+                    tokenizer,
+                    index=group_index * cfg.n_samples_per_prompt + j,
+                    group_index=group_index,
+                )
+            )
+    return samples
+
+
+async def run_rollout(args: Any, samples: list[Any], cfg: TrainConfig, rollout_id: int) -> list[Any]:
+    """Run every episode concurrently, then score them; returns ``samples`` with rewards set."""
+    import rollout
+
+    await asyncio.gather(
+        *(
+            rollout.generate(args, sample, sampling_params(cfg, derive_seed(cfg.seed, rollout_id, position)))
+            for position, sample in enumerate(samples)
+        )
+    )
+    rewards = await rollout.reward(args, samples=samples)
+    for sample, value in zip(samples, rewards, strict=True):
+        sample.reward = float(value)
+    return samples
