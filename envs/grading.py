@@ -15,11 +15,14 @@ Usage::
     result = grader.grade("\\boxed{2\\sqrt{3}}", "2\\sqrt{3}")
     result = await grader.grade_async(answer, label)    # from asyncio, without blocking the loop
     result.score, result.status, result.parsed_answer, result.elapsed_s
+    set_default_grader(Grader(workers=8))              # a bigger pool for a big rollout
 
 :meth:`Grader.grade` never raises because of the answer; a :class:`GradeResult` always comes back.
 Its ``status`` says whether the answer was graded; every status other than CORRECT scores 0.
 The time a call spends waiting for a free worker does not count against the answer's timeout (a
 busy pool must not turn a correct answer into a timeout); it is bounded by ``wait_timeout_s``.
+Each worker's address space is capped at its size after start-up plus ``memory_limit_mb``, so a
+hostile answer cannot take the machine's memory within its timeout.
 
 Answers may be bare (``7/2``, ``60^\\circ``, ``x = 5``) or contain ``\\boxed{...}``, whose content
 (nested braces included) is what gets graded; see :func:`extract_boxed` and :func:`prepare_answer`.
@@ -50,6 +53,7 @@ __all__ = [
     "extract_boxed",
     "get_default_grader",
     "prepare_answer",
+    "set_default_grader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -294,17 +298,27 @@ class _Worker:
         self.process.start()
         child_conn.close()
         self.ready = False
+        # Grader.wait_ready and a grading call may wait for the same starting worker; only one
+        # of them may read its "ready" message, or the other would read a grading reply.
+        self._ready_lock = threading.Lock()
 
     def wait_ready(self, timeout: float) -> bool:
         """True once the worker has imported math-verify; False if not within ``timeout``."""
         if self.ready:
             return True
+        deadline = time.monotonic() + max(0.0, timeout)
+        if not self._ready_lock.acquire(timeout=max(0.0, timeout)):
+            return False
         try:
-            if not self.conn.poll(max(0.0, timeout)):
+            if self.ready:
+                return True
+            if not self.conn.poll(max(0.0, deadline - time.monotonic())):
                 return False
             self.conn.recv()
         except (EOFError, OSError) as exc:
             raise _WorkerGone(f"worker pid {self.process.pid} exited while starting") from exc
+        finally:
+            self._ready_lock.release()
         self.ready = True
         return True
 
@@ -539,6 +553,18 @@ def get_default_grader() -> Grader:
         if _default_grader is None or _default_grader.closed:
             _default_grader = Grader()
         return _default_grader
+
+
+def set_default_grader(grader: Grader) -> None:
+    """Make ``grader`` the process-wide grader (e.g. one with more workers for a large rollout);
+    the previous default grader, if any, is closed."""
+    global _default_grader
+    if not isinstance(grader, Grader):
+        raise TypeError(f"set_default_grader takes a Grader, got {type(grader).__name__}")
+    with _default_lock:
+        previous, _default_grader = _default_grader, grader
+    if previous is not None and previous is not grader:
+        previous.close()
 
 
 def close_default_grader() -> None:

@@ -65,6 +65,11 @@ def load_env_module(path: str | ModuleType) -> ModuleType:
 
 
 def _load_file(file: Path) -> ModuleType:
+    if (file / "__init__.py").is_file():
+        raise EnvLoadError(
+            f"'{file}' is a package directory; pass its dotted module name "
+            f"(e.g. {'.'.join(file.parts[-2:]) if len(file.parts) > 1 else file.name}) or the path of a .py file"
+        )
     if not file.is_file():
         siblings = [p.name for p in file.parent.glob("*.py")] if file.parent.is_dir() else []
         where = (

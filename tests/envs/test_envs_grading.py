@@ -21,6 +21,7 @@ from envs.grading import (
     extract_boxed,
     get_default_grader,
     prepare_answer,
+    set_default_grader,
 )
 
 HOSTILE = "\\boxed{10^{10^{10^{10}}}}"
@@ -304,7 +305,26 @@ def test_default_grader_is_lazy_and_replaced_after_close() -> None:
     assert first.closed
     second = get_default_grader()
     assert second is not first
+    bigger = Grader(workers=8)
+    set_default_grader(bigger)
+    assert (get_default_grader() is bigger, second.closed) == (True, True)
     close_default_grader()
+    assert bigger.closed
+    with pytest.raises(TypeError, match="set_default_grader takes a Grader, got str"):
+        set_default_grader("grader")  # type: ignore[arg-type]
+
+
+def test_waiting_for_readiness_while_grading_does_not_steal_replies() -> None:
+    # Both wait on the same starting worker; only one may read its "ready" message.
+    with Grader(workers=1) as grader:
+        results = []
+        waiter = threading.Thread(target=grader.wait_ready)
+        grading = threading.Thread(target=lambda: results.append(grader.grade("2", "2").status))
+        waiter.start()
+        grading.start()
+        waiter.join(20)
+        grading.join(20)
+        assert (waiter.is_alive(), grading.is_alive(), results) == (False, False, [GradeStatus.CORRECT])
 
 
 @pytest.mark.parametrize(

@@ -116,3 +116,13 @@ def test_malformed_paths(path: str, message: str) -> None:
 def test_errors_are_import_errors() -> None:
     # Callers that already catch ImportError around module loading keep working.
     assert issubclass(EnvLoadError, ImportError)
+
+
+def test_package_directory_asks_for_the_dotted_name() -> None:
+    root = Path(__file__).resolve().parents[2]
+    with pytest.raises(EnvLoadError) as info:
+        load_env_module(str(root / "envs" / "geo3k"))
+    assert str(info.value) == (
+        f"'{root / 'envs' / 'geo3k'}' is a package directory; pass its dotted module name (e.g. envs.geo3k) "
+        "or the path of a .py file"
+    )
