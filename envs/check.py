@@ -35,6 +35,7 @@ from typing import Any
 
 from PIL import Image
 
+from envs.grading import close_default_grader
 from envs.loader import EnvLoadError, build_and_check_env, load_env_module
 from envs.tool_calls import format_call
 
@@ -46,6 +47,7 @@ __all__ = [
     "check_env_module",
     "check_message",
     "main",
+    "step_inputs",
 ]
 
 KNOWN_ROLES = ("system", "user", "assistant", "tool")
@@ -503,8 +505,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         slow_step_s=options.slow_step,
     )
     print(report.render())
-    from envs.grading import close_default_grader
-
     close_default_grader()
     return 0 if report.ok else 1
 

@@ -28,7 +28,14 @@ from typing import Any
 
 from envs.base import BaseInteractionEnv, EnvConfigError, did_you_mean
 from envs.grading import Grader, GradeResult, GradeStatus, extract_boxed, get_default_grader
-from envs.tool_calls import ToolCallError, ToolCallErrorKind, ToolSpec, format_call, parse_tool_call
+from envs.tool_calls import (
+    ParseResult,
+    ToolCallError,
+    ToolCallErrorKind,
+    ToolSpec,
+    format_call,
+    parse_tool_call,
+)
 
 __all__ = [
     "TOOL_ALIASES",
@@ -212,38 +219,10 @@ class Geo3kEnv(BaseInteractionEnv):
         parsed = parse_tool_call(response_text, _TOOL_SPECS)
         info["ignored_tool_calls"] = parsed.ignored_blocks
         if parsed.error is not None and parsed.error.kind is ToolCallErrorKind.NO_BLOCK:
-            text = self._final_answer(response_text, info)
-            return self._finish(text, "no_tool_call", info)
-
-        answer, error = (
-            (None, parsed.error) if parsed.call is None else _answer_argument(parsed.call.arguments)
-        )
-        if error is not None or answer is None:
-            assert error is not None
-            self.outcome.invalid_tool_calls += 1
-            info["error"] = error.message
-            info["error_kind"] = error.kind.value
-            text = f"Your tool call was not run: {error.message}. The expected format is:\n{_EXPECTED_CALL}\n"
-        else:
-            self.outcome.valid_tool_calls += 1
-            info["tool_executed"] = True
-            result = self._grade(answer, info)
-            if result.correct:
-                text = f"{TOOL_NAME}: your answer {_quote(answer)} is correct."
-                if self.settings.end_on_correct:
-                    return self._finish(text, "correct", info)
-                text += " You may now state your final answer."
-            elif result.status is GradeStatus.INCORRECT:
-                text = (
-                    f"{TOOL_NAME}: your answer {_quote(answer)} is incorrect. Check your reasoning and try "
-                    "a different approach instead of repeating the same answer."
-                )
-            else:
-                info["error"] = result.detail
-                text = (
-                    f"{TOOL_NAME} could not grade your answer {_quote(answer)} ({result.detail}). "
-                    "Give the answer as a single number or expression, such as 7/2, 2\\sqrt{3} or 60."
-                )
+            return self._finish(self._final_answer(response_text, info), "no_tool_call", info)
+        text, solved = self._run_tool_call(parsed, info)
+        if solved and self.settings.end_on_correct:
+            return self._finish(text, "correct", info)
         if parsed.ignored_blocks:
             text = _sentence(
                 text,
@@ -262,6 +241,36 @@ class Geo3kEnv(BaseInteractionEnv):
         return self._observation(text), False, info
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _run_tool_call(self, parsed: ParseResult, info: dict[str, Any]) -> tuple[str, bool]:
+        """Feedback for a turn with a tool call, and whether its answer was correct."""
+        answer = parsed.error if parsed.call is None else _answer_argument(parsed.call.arguments)
+        if not isinstance(answer, str):
+            assert answer is not None  # a ParseResult has exactly one of call and error
+            self.outcome.invalid_tool_calls += 1
+            info.update(error=answer.message, error_kind=answer.kind.value)
+            return (
+                f"Your tool call was not run: {answer.message}. The expected format is:\n{_EXPECTED_CALL}\n",
+                False,
+            )
+        self.outcome.valid_tool_calls += 1
+        info["tool_executed"] = True
+        result = self._grade(answer, info)
+        if result.correct:
+            text = f"{TOOL_NAME}: your answer {_quote(answer)} is correct."
+            if not self.settings.end_on_correct:
+                text += " You may now state your final answer."
+            return text, True
+        if result.status is GradeStatus.INCORRECT:
+            return (
+                f"{TOOL_NAME}: your answer {_quote(answer)} is incorrect. Check your reasoning and try "
+                "a different approach instead of repeating the same answer."
+            ), False
+        info["error"] = result.detail
+        return (
+            f"{TOOL_NAME} could not grade your answer {_quote(answer)} ({result.detail}). "
+            "Give the answer as a single number or expression, such as 7/2, 2\\sqrt{3} or 60."
+        ), False
 
     def _grade(self, answer: str, info: dict[str, Any]) -> GradeResult:
         result = self._grader.grade(answer, self.label, timeout_s=self.settings.grading_timeout_s)
@@ -299,17 +308,17 @@ class Geo3kEnv(BaseInteractionEnv):
         return {"obs_str": text, "role": self.settings.feedback_role}
 
 
-def _answer_argument(arguments: dict[str, Any]) -> tuple[str | None, ToolCallError | None]:
+def _answer_argument(arguments: dict[str, Any]) -> str | ToolCallError:
     value = arguments["answer"]
     if isinstance(value, str):
-        return value.strip(), None
+        return value.strip()
     # Models often write {"answer": 3.5}; a number is unambiguous, so take it.
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return json.dumps(value), None
+        return json.dumps(value)
     kind = "boolean" if isinstance(value, bool) else "array" if isinstance(value, list) else "object"
     if isinstance(value, float):
         kind = "non-finite number"
-    return None, ToolCallError(
+    return ToolCallError(
         ToolCallErrorKind.INVALID_ARGUMENTS,
         f'the argument "answer" must be a string such as "7/2", got a JSON {kind}',
     )
