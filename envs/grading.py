@@ -107,7 +107,7 @@ def extract_boxed(text: str) -> str | None:
 
     Nested braces are matched (``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``); escaped braces
     ``\\{`` and ``\\}`` do not count. ``\\boxed 5`` (no braces) gives ``5``. If the last occurrence is
-    unterminated (a truncated response), earlier ones are tried.
+    unterminated (a truncated response), earlier ones are tried, up to 16 occurrences back.
     """
     end = len(text)
     for _ in range(_MAX_BOX_TRIES):

@@ -58,7 +58,7 @@ def test_extract_boxed_is_fast_on_hostile_text() -> None:
     text = "\\boxed{" * 200_000 + "{" * 1_000_000
     start = time.perf_counter()
     assert extract_boxed(text) is None
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 2.0
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def test_geo3k_answer_forms(
         None,
     )
     assert result.correct is (status is GradeStatus.CORRECT)
-    assert 0 < result.elapsed_s < 1.0
+    assert 0 < result.elapsed_s < MARGIN_S
 
 
 @pytest.mark.parametrize(

@@ -299,5 +299,5 @@ def test_hostile_input_is_parsed_in_linear_time(name: str) -> None:
     start = time.perf_counter()
     parse_tool_call(text, TOOLS)
     elapsed = time.perf_counter() - start
-    # Linear scans take milliseconds here; quadratic ones take minutes.
-    assert elapsed < 0.5, f"{name}: {elapsed:.3f} s"
+    # Linear scans take milliseconds here; quadratic ones take minutes (the bound leaves room for a busy machine).
+    assert elapsed < 2.0, f"{name}: {elapsed:.3f} s"
