@@ -629,16 +629,26 @@ class LocalEngine:
     def _sample(
         self, log_probs: torch.Tensor, greedy: list[bool], generators: list[torch.Generator], rows: list[_Row]
     ) -> torch.Tensor:
-        # Gumbel-max with per-row generators: row i draws exactly one vector of noise per step from
-        # its own generator, so its samples do not depend on the other rows of the batch.
-        scores = log_probs.clone()
-        for i, row in enumerate(rows):
-            if greedy[i] or row.finish is not None:
-                continue
-            noise = torch.empty(log_probs.shape[-1], device=log_probs.device, dtype=torch.float32)
-            noise.exponential_(generator=generators[i])
-            scores[i] -= noise.clamp_min_(1e-30).log_()
-        return scores.argmax(dim=-1)
+        # Inverse-CDF sampling with one uniform per row and step, drawn from the row's own
+        # generator: a row's samples do not depend on the other rows of the batch, and a step costs
+        # one random number per row rather than one per vocabulary entry. The CDF is accumulated in
+        # float64 so that rounding over a 150k vocabulary does not shift probability mass.
+        device = log_probs.device
+        uniforms = [
+            torch.zeros(1, dtype=torch.float64, device=device)
+            if greedy[i] or row.finish is not None
+            else torch.rand(1, dtype=torch.float64, device=device, generator=generators[i])
+            for i, row in enumerate(rows)
+        ]
+        cdf = log_probs.exp().to(torch.float64).cumsum_(dim=-1)
+        targets = torch.cat(uniforms) * cdf[:, -1]
+        # right=True picks the first entry whose CDF exceeds the target: never a zero-probability token.
+        sampled = torch.searchsorted(cdf, targets.unsqueeze(-1), right=True).squeeze(-1)
+        sampled.clamp_(max=log_probs.shape[-1] - 1)
+        if any(greedy):
+            greedy_rows = torch.tensor(greedy, device=device)
+            sampled = torch.where(greedy_rows, log_probs.argmax(dim=-1), sampled)
+        return sampled
 
     def _check_finished(self, row: _Row) -> Finish | None:
         params = row.request.params
