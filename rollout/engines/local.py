@@ -7,8 +7,10 @@
   exactly as the trainer will see them; image pad runs given either as one ``<|image_pad|>`` per
   image or as the processor's expanded run (single pads are expanded before generating);
 - **micro-batching**: requests from concurrent episodes wait in a queue until ``max_batch_size``
-  are waiting or ``batch_wait_ms`` has passed, then run as one left-padded batch in a worker thread,
-  so the event loop stays free;
+  are waiting, or ``batch_wait_ms`` has passed since the first one and no other request is still
+  having its images processed; then they run as one left-padded batch in a worker thread, so the
+  event loop stays free. A batch runs to its longest row (no continuous batching): requests that
+  arrive meanwhile form the next batch;
 - **a manual decode loop** (prefill, then one token per step with a KV cache). Every row carries its
   own sampling parameters and its own seeded ``torch.Generator``, so one batch mixes temperatures,
   top-k/top-p, stops and lengths, and a request samples the same tokens whether it ran alone or in a
@@ -19,6 +21,8 @@
   (unless ``ignore_eos``), then stop strings on the decoded tail; a stop string ends generation at
   the token that completed it; ``no_stop_trim`` only changes the returned text.
 
+The model's ``generation_config`` plays no part in sampling (only its EOS ids are read), so
+defaults such as ``top_k=50`` in a config never filter the distribution behind the caller's back.
 Returned log-probs are ``log_softmax`` of the processed scores the token was sampled from
 (temperature, then top-k, then top-p). With top-k disabled and top-p 1 they are the policy's
 log-probs at that temperature, i.e. what a teacher-forced forward pass gives. Greedy decoding
@@ -300,6 +304,7 @@ class LocalEngine:
         self._arrived: asyncio.Event | None = None
         self._scheduler: asyncio.Task | None = None
         self._pending: set[_Request] = set()
+        self._preparing = 0  # requests whose images are being processed, not yet queued
         self._closed = False
         self.stats = {"batches": 0, "requests": 0, "max_batch_rows": 0}
 
@@ -348,12 +353,17 @@ class LocalEngine:
             else _derive_seed("engine", self.seed, number)
         )
         started = time.perf_counter()
-        request = await asyncio.to_thread(self._prepare, input_ids, list(images or []), params, seed, rid)
+        loop = asyncio.get_running_loop()
+        self._ensure_scheduler(loop)
+        self._preparing += 1
+        try:
+            request = await asyncio.to_thread(self._prepare, input_ids, list(images or []), params, seed, rid)
+        finally:
+            self._preparing -= 1
+            self._arrived.set()  # the scheduler may be waiting for this preparation to end
         request.submitted = started
         if request.max_new_tokens == 0:
             return self._result(_Row(request, finish=Finish(FINISH_LENGTH, length=0)))
-        loop = asyncio.get_running_loop()
-        self._ensure_scheduler(loop)
         request.future = loop.create_future()
         self._pending.add(request)
         request.future.add_done_callback(lambda fut, req=request: self._on_done(fut, req))
@@ -499,16 +509,18 @@ class LocalEngine:
             while not waiting:
                 arrived.clear()
                 await arrived.wait()
+            # Requests still decoding their images are about to arrive: waiting for them keeps a
+            # burst of concurrent requests in one batch instead of splitting it at batch_wait_ms.
             deadline = loop.time() + self.batch_wait_s
             while len(waiting) < self.max_batch_size:
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 and self._preparing == 0:
                     break
                 arrived.clear()
                 try:
-                    await asyncio.wait_for(arrived.wait(), remaining)
+                    await asyncio.wait_for(arrived.wait(), remaining if remaining > 0 else None)
                 except TimeoutError:
-                    break
+                    continue
             batch = [waiting.popleft() for _ in range(min(self.max_batch_size, len(waiting)))]
             live = [r for r in batch if r.future is not None and not r.future.done()]
             if not live:

@@ -105,7 +105,9 @@ def _mixed_requests(policy) -> list[tuple[list[int], list, dict]]:
 async def test_batching_does_not_change_results(request, fixture):
     policy = request.getfixturevalue(fixture)
     requests = _mixed_requests(policy)
-    async with LocalEngine(policy, seed=5, max_batch_size=8, batch_wait_ms=2000) as engine:
+    # No batch wait at all: the burst still forms one batch, because the scheduler waits for
+    # requests whose images are still being processed.
+    async with LocalEngine(policy, seed=5, batch_wait_ms=0) as engine:
         batched = await asyncio.gather(*(engine.generate(*r) for r in requests))
         assert engine.stats == {"batches": 1, "requests": 8, "max_batch_rows": 8}
     async with LocalEngine(policy, seed=5) as engine:
