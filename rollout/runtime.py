@@ -64,6 +64,12 @@ class RolloutRuntime:
         client = SGLangClient.from_args(args, config)
         return self._clients.setdefault(client.url, client)
 
+    async def aclose(self) -> None:
+        """Close SGLang client connection pools (they belong to the running event loop)."""
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+
     def shutdown(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
