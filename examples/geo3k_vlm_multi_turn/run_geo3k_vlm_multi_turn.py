@@ -1,0 +1,349 @@
+"""Train a vision-language model on Geometry3K with multi-turn ``calc_score`` tool calls, with GRPO.
+
+    python examples/geo3k_vlm_multi_turn/run_geo3k_vlm_multi_turn.py --backend local --demo
+    python examples/geo3k_vlm_multi_turn/run_geo3k_vlm_multi_turn.py --backend local \\
+        --model Qwen/Qwen2.5-VL-3B-Instruct --data-dir DIR
+    python examples/geo3k_vlm_multi_turn/run_geo3k_vlm_multi_turn.py --backend slime \\
+        --model Qwen3-VL-2B-Instruct --num-gpus 4 [--dry-run]
+
+Two backends run the same episodes (``rollout.generate``) and rewards (``rollout.reward``):
+
+- ``local``: the single-machine GRPO trainer (``trainer.loop``) with an in-process engine; CPU or
+  one GPU. ``--demo`` trains the tiny offline model on generated sample data in a few minutes.
+- ``slime``: Ray + SGLang + Megatron through slime's ``execute_train``, after preflight checks.
+  ``--dry-run`` prints the exact command and environment and exits.
+
+Data and models are used where they are; otherwise they are downloaded with huggingface_hub (the
+dataset ``VeraIsHere/geo3k_imgurl_processed``, models from their Hugging Face repo). The tiny presets
+and the generated sample data need no network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if importlib.util.find_spec("trainer") is None:
+    # Run from a checkout where the package is not installed.
+    sys.path.insert(0, str(REPO_ROOT))
+
+import yaml  # noqa: E402
+
+from trainer.config import ConfigError, TrainConfig  # noqa: E402
+from trainer.slime_launch import (  # noqa: E402
+    DATASET_REPO,
+    SLIME_RECIPE,
+    SlimeLaunch,
+    build_slime_args,
+    describe_command,
+    preflight,
+    slime_location,
+    slime_model,
+)
+
+DEFAULT_PLUGIN_CONFIG = REPO_ROOT / "configs" / "geo3k_vlm_multi_turn.yaml"
+DEMO_MODEL = "tiny-qwen2.5-vl-small-vocab"
+DEMO_DATA_DIR = REPO_ROOT / "runs" / "data" / "geo3k-sample"
+DEMO_PROBLEMS = 64
+# The demo: small enough for 2 CPU cores in a few minutes, large enough to show groups and turns.
+DEMO_SETTINGS: dict[str, Any] = {
+    "num_rollout": 12,
+    "rollout_batch_size": 4,
+    "n_samples_per_prompt": 8,
+    "rollout_max_response_len": 160,
+    "lr": 1e-5,
+    "micro_batch_size": 8,
+    "device": "cpu",
+    "report_episodes": 8,
+}
+DEFAULT_SLIME_MODEL = "Qwen3-VL-2B-Instruct"
+DEFAULT_LOCAL_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--backend", choices=("local", "slime"), help="default: slime with slime and GPUs, else local"
+    )
+    parser.add_argument("--config", type=Path, default=DEFAULT_PLUGIN_CONFIG, help="the plugin YAML")
+    parser.add_argument(
+        "--model", help="a models preset, a Hugging Face repo or name, or a checkpoint directory"
+    )
+    parser.add_argument(
+        "--model-root", type=Path, default=Path.home() / "models", help="where models are downloaded"
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, help="directory with train.parquet (downloaded or generated if missing)"
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, help="run directory (default runs/geo3k[-demo]-<timestamp>)"
+    )
+    parser.add_argument(
+        "--demo", action="store_true", help="the tiny CPU demo: tiny model, generated sample data"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
+    parser.add_argument(
+        "--resume", nargs="?", const="latest", help="resume from a checkpoint or run directory"
+    )
+    parser.add_argument("--num-gpus", type=int, help="slime: GPUs on this node (default: the model's recipe)")
+    parser.add_argument("--megatron-path", default="/root/Megatron-LM/", help="slime: Megatron-LM checkout")
+    parser.add_argument("--wandb-project", help="log to Weights & Biases (slime: needs WANDB_API_KEY)")
+    parser.add_argument("--tensorboard", action="store_true", help="local: log to TensorBoard")
+    for name, kind in (
+        ("num-rollout", int),
+        ("rollout-batch-size", int),
+        ("n-samples-per-prompt", int),
+        ("rollout-max-response-len", int),
+        ("lr", float),
+        ("save-interval", int),
+        ("seed", int),
+    ):
+        parser.add_argument(f"--{name}", type=kind, help="trainer setting of the same name")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any trainer setting (trainer.config.TrainConfig), value parsed as YAML; repeatable",
+    )
+    return parser.parse_args(argv)
+
+
+def choose_backend(requested: str | None) -> tuple[str, str]:
+    if requested:
+        return requested, "--backend"
+    location = slime_location()
+    if location is None:
+        return "local", "slime is not importable"
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        return "local", f"slime is installed ({location}) but no GPU is visible"
+    return "slime", f"slime is installed ({location}) and {gpus} GPU(s) are visible"
+
+
+def overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key in (
+        "num_rollout",
+        "rollout_batch_size",
+        "n_samples_per_prompt",
+        "rollout_max_response_len",
+        "lr",
+        "save_interval",
+        "seed",
+    ):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        values[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data and model
+
+
+def ensure_sample_data(data_dir: Path, n: int = DEMO_PROBLEMS, seed: int = 0) -> Path:
+    """Generate Geometry3K-style sample problems into ``data_dir`` unless a train.parquet is there."""
+    train = data_dir / "train.parquet"
+    if train.is_file():
+        return train
+    from envs.geo3k.dataset import write_geo3k_parquet
+    from envs.geo3k.sample_data import generate_problems
+
+    print(f"generating {n} sample problems into {data_dir} (seed {seed})")
+    return write_geo3k_parquet(generate_problems(n, seed), data_dir, split_name="train")
+
+
+def ensure_dataset(data_dir: Path) -> Path:
+    """``data_dir/train.parquet``, downloading the processed geo3k dataset when it is missing."""
+    train = data_dir / "train.parquet"
+    if train.is_file():
+        return train
+    from huggingface_hub import snapshot_download
+
+    print(f"downloading {DATASET_REPO} into {data_dir}")
+    snapshot_download(repo_id=DATASET_REPO, repo_type="dataset", local_dir=str(data_dir))
+    if not train.is_file():
+        raise FileNotFoundError(f"{DATASET_REPO} was downloaded into {data_dir} but has no train.parquet")
+    return train
+
+
+def ensure_model(name: str, model_root: Path) -> str:
+    """A preset name or a checkpoint directory, downloading a Hugging Face repo when it is not local."""
+    from models import PRESETS
+
+    if name in PRESETS:
+        return name
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file():
+        return str(path)
+    try:
+        repo = slime_model(name).hf_repo
+    except KeyError:
+        repo = name
+    if "/" not in repo:
+        raise FileNotFoundError(
+            f"model {name!r} is not a preset, not a checkpoint directory, and not a Hugging Face repo "
+            "(owner/name); pass e.g. --model Qwen/Qwen2.5-VL-3B-Instruct"
+        )
+    local = model_root / repo.split("/")[-1]
+    if not (local / "config.json").is_file():
+        from huggingface_hub import snapshot_download
+
+        print(f"downloading {repo} into {local}")
+        snapshot_download(repo_id=repo, local_dir=str(local))
+    return str(local)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Backends
+
+
+def local_config(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = {"custom_config_path": str(args.config)}
+    if args.demo:
+        values.update(DEMO_SETTINGS)
+    values.update(overrides(args))
+    prefix = "geo3k-demo" if args.demo else "geo3k"
+    values["output_dir"] = str(
+        args.output_dir or REPO_ROOT / "runs" / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    values["use_tensorboard"] = args.tensorboard
+    if args.wandb_project:
+        values.update(use_wandb=True, wandb_project=args.wandb_project)
+    return TrainConfig.from_dict(values)
+
+
+def run_local(args: argparse.Namespace) -> int:
+    if args.demo:
+        data = ensure_sample_data(args.data_dir or DEMO_DATA_DIR)
+        model = args.model or DEMO_MODEL
+    else:
+        data = ensure_dataset(args.data_dir or Path.home() / "datasets" / "geo3k_imgurl_processed")
+        model = args.model or DEFAULT_LOCAL_MODEL
+    cfg = local_config(args).replace(prompt_data=str(data), hf_checkpoint=model)
+    if args.dry_run:
+        print("local trainer settings:")
+        for key, value in cfg.to_dict().items():
+            print(f"  {key}: {value}")
+        return 0
+    cfg = cfg.replace(hf_checkpoint=ensure_model(model, args.model_root))
+    check_local_images(data)
+
+    from trainer.loop import train
+
+    started = time.perf_counter()
+    result = train(cfg, resume=args.resume)
+    elapsed = time.perf_counter() - started
+    last = result.metrics[-1] if result.metrics else {}
+    print(f"\ndone in {elapsed:.0f} s ({len(result.metrics)} steps)")
+    for key in (
+        "rollout/reward_mean",
+        "rollout/pass_rate",
+        "rollout/turns_mean",
+        "rollout/response_length_mean",
+    ):
+        if last.get(key) is not None:
+            print(f"  {key}: {last[key]:.3f}")
+    print(f"  metrics:    {result.run_dir / 'metrics.jsonl'}")
+    print(f"  curves:     {result.run_dir / 'training_curves.png'}")
+    print(f"  report:     {result.report}")
+    print(f"  checkpoint: {result.last_checkpoint}")
+    return 0
+
+
+def check_local_images(train: Path) -> None:
+    """The local trainer decodes images from files or data URIs; URLs need a download step first."""
+    from envs.geo3k.dataset import read_geo3k_parquet
+
+    rows = read_geo3k_parquet(train)
+    urls = [ref for ref in (rows[0].images if rows else []) if ref.startswith(("http://", "https://"))]
+    if urls:
+        raise SystemExit(
+            f"{train}: images are URLs ({urls[0][:60]}...); the local backend reads image files and data "
+            "URIs only. Download the images and rewrite the images column with local paths first, or run "
+            "on slime, which fetches URLs itself."
+        )
+
+
+def slime_config(args: argparse.Namespace) -> TrainConfig:
+    values = dict(SLIME_RECIPE)
+    values.update(overrides(args))
+    values["custom_config_path"] = str(args.config)
+    return TrainConfig.from_dict(values)
+
+
+def run_slime(args: argparse.Namespace) -> int:
+    model = slime_model(args.model or DEFAULT_SLIME_MODEL)
+    data_dir = args.data_dir or Path.home() / "datasets" / "geo3k_imgurl_processed"
+    model_dir = Path(args.model) if args.model and Path(args.model).is_dir() else args.model_root / model.name
+    if not args.dry_run:
+        data = ensure_dataset(data_dir)
+        model_dir = Path(ensure_model(args.model or model.hf_repo, args.model_root))
+    else:
+        data = data_dir / "train.parquet"
+    cfg = slime_config(args)
+    launch = SlimeLaunch(
+        model=model,
+        model_dir=model_dir.resolve(),
+        prompt_data=data.resolve(),
+        plugin_config=args.config.resolve(),
+        num_gpus=args.num_gpus or model.num_gpus,
+        save_dir=args.output_dir.resolve() if args.output_dir else None,
+        save_interval=cfg.save_interval,
+        megatron_path=args.megatron_path,
+        wandb_project=args.wandb_project,
+    )
+    train_args = build_slime_args(cfg, launch)
+    findings = preflight(launch)
+    print("preflight:")
+    for finding in findings:
+        print(f"  {finding}")
+    if args.dry_run:
+        print(describe_command(train_args, launch))
+        return 0
+    errors = [f for f in findings if f.level == "error"]
+    if errors:
+        print(
+            f"{len(errors)} preflight error(s); fix them or use --dry-run to see the command", file=sys.stderr
+        )
+        return 1
+    from trainer.slime_launch import launch as execute
+
+    execute(train_args, launch)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.demo and args.backend is None:
+        backend, reason = "local", "--demo"
+    else:
+        backend, reason = choose_backend(args.backend)
+    print(f"backend: {backend} ({reason})")
+    if args.demo and backend != "local":
+        print("--demo runs on the local backend only", file=sys.stderr)
+        return 2
+    try:
+        return run_local(args) if backend == "local" else run_slime(args)
+    except (ConfigError, KeyError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
