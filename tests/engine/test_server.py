@@ -27,7 +27,7 @@ async def served(qwen25_small_policy):
     async with LocalEngine(qwen25_small_policy, seed=0) as engine:
         server = await start_server(engine, "127.0.0.1", 0, model_path="tiny-qwen2.5-vl-small-vocab")
         async with server, aiohttp.ClientSession(base_url=server.url) as session:
-            yield engine, session
+            yield engine, session, server.url
 
 
 async def _post(session: aiohttp.ClientSession, body) -> tuple[int, dict]:
@@ -37,7 +37,7 @@ async def _post(session: aiohttp.ClientSession, body) -> tuple[int, dict]:
 
 
 async def test_generate_over_http_matches_the_engine(served, qwen25_small_policy, image_a):
-    engine, session = served
+    engine, session, _ = served
     policy = qwen25_small_policy
     text = chat_text(policy, "Find x.")
     ids = single_pad_ids(policy, text)
@@ -73,7 +73,7 @@ async def test_generate_over_http_matches_the_engine(served, qwen25_small_policy
 
 
 async def test_health_model_info_abort_and_flush(served):
-    engine, session = served
+    engine, session, _ = served
     async with session.get("/health") as response:
         assert (response.status, await response.text()) == (200, "ok")
     engine.weight_version = 3
@@ -163,7 +163,7 @@ BAD_CASES = [case for case, _, _ in _bad_bodies([0], "")]
 
 @pytest.mark.parametrize("case", BAD_CASES)
 async def test_bad_requests_get_400_and_the_server_keeps_serving(served, qwen25_small_policy, image_a, case):
-    _, session = served
+    _, session, _ = served
     policy = qwen25_small_policy
     ids = single_pad_ids(policy, chat_text(policy, "Find x."))
     image = to_data_uri(image_a)
@@ -228,3 +228,25 @@ async def test_command_line_server_starts_serves_and_stops_on_sigterm(qwen25_sma
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_the_sglang_client_gets_what_the_engine_generates(served, qwen25_small_policy, image_a):
+    from rollout.engines.sglang_client import SGLangClient
+
+    engine, _, url = served
+    policy = qwen25_small_policy
+    ids = single_pad_ids(policy, chat_text(policy, "Find x."))
+    params = {"max_new_tokens": 5, "sampling_seed": 3, "stop": ["</tool_call>"], "no_stop_trim": True}
+    client = SGLangClient(url, timeout_s=60, max_retries=0)
+    try:
+        over_http = await client.generate(ids, [image_a], params)
+    finally:
+        await client.close()
+    direct = await engine.generate(ids, [image_a], params)
+    assert over_http.token_ids == direct.token_ids
+    assert over_http.log_probs == direct.log_probs
+    assert (over_http.text, over_http.finish_reason, over_http.matched_stop) == (
+        direct.text,
+        direct.finish_reason,
+        direct.matched_stop,
+    )
