@@ -12,7 +12,9 @@ warm-up.
     python bench/engine_throughput.py --random-init-shape qwen2.5-vl-3b --device cuda --dtype bfloat16 \\
         --batch-sizes 1,8,32 --new-tokens 256
 
-Prints a markdown table and writes bench/results/engine_throughput-<host>-<date>.json.
+Prints a markdown table and writes bench/results/engine_throughput-<host>-<date>.json. On a
+machine without network, the tiny preset's tokenizer is built from Qwen's BPE ranks cached at
+``.cache/vlm-multiturn/qwen.tiktoken`` (copy that file along with the checkout).
 """
 
 from __future__ import annotations
@@ -31,11 +33,15 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from models import Policy, load_processing
-from models.tiny import MODEL_CLASSES
-from rollout.engines.local import LocalEngine
-
 HERE = Path(__file__).resolve().parent
+# Runnable from a plain checkout (e.g. a GPU machine where the package is not installed).
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+
+from models import Policy, load_processing  # noqa: E402
+from models.tiny import MODEL_CLASSES  # noqa: E402
+from rollout.engines.local import LocalEngine  # noqa: E402
+
 IMAGE_SIZE = 448
 
 
