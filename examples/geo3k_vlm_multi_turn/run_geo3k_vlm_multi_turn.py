@@ -53,10 +53,10 @@ DEMO_DATA_DIR = REPO_ROOT / "runs" / "data" / "geo3k-sample"
 DEMO_PROBLEMS = 64
 # The demo: small enough for 2 CPU cores in a few minutes, large enough to show groups and turns.
 DEMO_SETTINGS: dict[str, Any] = {
-    "num_rollout": 12,
+    "num_rollout": 16,
     "rollout_batch_size": 4,
     "n_samples_per_prompt": 8,
-    "rollout_max_response_len": 160,
+    "rollout_max_response_len": 192,
     "lr": 1e-5,
     "micro_batch_size": 8,
     "device": "cpu",
