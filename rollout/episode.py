@@ -16,7 +16,8 @@ also ``remove_sample=True`` and reward 0 so that no fault of ours becomes a trai
 Budget: ``rollout_max_context_len`` caps the whole sequence when set; otherwise ``max_new_tokens``
 (or ``rollout_max_response_len``) caps the response, model plus env tokens. The prompt is never
 subtracted from a response budget (slime #2140: a large-image prompt then leaves no room at all).
-``max_tokens_per_turn`` optionally caps each generation. An observation that does not fit ends the
+``max_tokens_per_turn`` optionally caps each generation; a turn cut by it (with budget left) is
+handed to the env like any other turn. An observation that does not fit ends the
 episode TRUNCATED; it is never inserted partially, so an image's pad run is never cut.
 """
 
@@ -202,7 +203,7 @@ async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> 
         state.request_ids.extend(result.token_ids)
         if result.finish_reason == FINISH_ABORT:
             return "ABORTED", "the engine aborted the request"
-        if result.finish_reason == FINISH_LENGTH:
+        if result.finish_reason == FINISH_LENGTH and not _hit_turn_cap_only(config, left, result.token_ids):
             return "TRUNCATED", f"turn {turn} hit the generation limit"
 
         started = time.perf_counter()
@@ -239,6 +240,13 @@ async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> 
         record.observation_text = text
         record.observation_images = len(images)
     return "COMPLETED", "max_turns reached"
+
+
+def _hit_turn_cap_only(config: RolloutConfig, left: int | None, token_ids: list[int]) -> bool:
+    """A turn cut by ``max_tokens_per_turn`` while the episode budget has room ends that turn, not
+    the episode: the env sees the partial text (usually a malformed or missing tool call)."""
+    cap = config.max_tokens_per_turn
+    return cap is not None and len(token_ids) >= cap and (left is None or len(token_ids) < left)
 
 
 def _first_vision_token(processing: Processing, token_ids: list[int]) -> int | None:

@@ -47,3 +47,12 @@ def qwen3_small_policy():
 @pytest.fixture(params=["qwen25_policy", "qwen3_policy"])
 def any_policy(request):
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def close_default_runtime_clients():
+    """SGLang client pools belong to the session's event loop; close them before it ends."""
+    yield
+    from rollout.runtime import default_runtime
+
+    await default_runtime().aclose()

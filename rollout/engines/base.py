@@ -25,7 +25,7 @@ class GenerateResult:
     log_probs: list[float]
     text: str
     finish_reason: str  # FINISH_STOP | FINISH_LENGTH | FINISH_ABORT
-    # What ended a "stop": a stop string (str) or a stop token id (int); None for EOS or other reasons.
+    # What ended a "stop": a stop string (str) or a stop token id (int, EOS included, as SGLang reports it).
     matched_stop: int | str | None = None
     meta_info: dict[str, Any] = field(default_factory=dict)
 

@@ -79,14 +79,6 @@ def call(answer: str) -> str:
     return f'<tool_call>{{"name": "calc_score", "arguments": {{"answer": "{answer}"}}}}</tool_call>'
 
 
-@pytest.fixture(scope="session", autouse=True)
-async def close_default_runtime_clients():
-    yield
-    from rollout.runtime import default_runtime
-
-    await default_runtime().aclose()
-
-
 @pytest.fixture(scope="session")
 def qwen25_processing():
     from rollout.runtime import default_runtime

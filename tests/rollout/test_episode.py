@@ -266,13 +266,28 @@ async def test_context_budget_caps_the_whole_sequence(qwen25_processing):
     assert out.status == Status.TRUNCATED and len(out.tokens) == prompt_len + 5
 
 
-async def test_per_turn_cap(qwen25_processing):
+async def test_per_turn_cap_ends_the_turn_not_the_episode(qwen25_processing):
     tok = qwen25_processing.tokenizer
-    engine = ScriptedEngine(tok, [call("4")])
+    engine = ScriptedEngine(tok, [call("4"), call("5"), "ok<|im_end|>"])
     args = make_args(engine, max_tokens_per_turn=7)
     out = await rollout.generate(args, make_sample(tok), {"max_new_tokens": 500})
-    assert engine.requests[0]["params"]["max_new_tokens"] == 7
-    assert out.status == Status.TRUNCATED and out.response_length == 7
+    assert [r["params"]["max_new_tokens"] for r in engine.requests] == [7, 7, 7]
+    first = out.metadata["turns"][0]
+    assert first["finish_reason"] == "length" and first["model_tokens"] == 7
+    assert "block is not closed" in first["error"]  # the env saw the cut-off tool call
+    assert out.tokens[out.prompt_length + 7] == qwen25_processing.eos_token_id  # end-of-turn inserted
+    assert out.loss_mask[7] == 0
+    assert out.status == Status.COMPLETED
+    assert [t["finish_reason"] for t in out.metadata["turns"]] == ["length", "length", "stop"]
+    assert_invariants(out)
+
+
+async def test_budget_cut_is_truncated_even_with_a_turn_cap(qwen25_processing):
+    tok = qwen25_processing.tokenizer
+    engine = ScriptedEngine(tok, [call("4")])
+    out = await rollout.generate(make_args(engine, max_tokens_per_turn=50), make_sample(tok), {"max_new_tokens": 6})
+    assert engine.requests[0]["params"]["max_new_tokens"] == 6
+    assert out.status == Status.TRUNCATED and out.response_length == 6
 
 
 async def test_max_turns_reached_is_completed(qwen25_processing):
