@@ -5,8 +5,9 @@ Names match slime's command-line flags with dashes turned into underscores (``--
 between the two backends unchanged. Settings that only the local backend has (device, output
 directory, engine batching, report sizes) use names slime does not have.
 
-Plugin settings (``max_turns``, ``rollout_interaction_env_path``, ``env_kwargs``) live in the plugin
-YAML (``custom_config_path``), as on slime; ``max_turns`` and ``env_kwargs`` here override it.
+Plugin settings (``max_turns``, ``rollout_interaction_env_path``, ``env_kwargs``, ...) live in the
+plugin YAML (``custom_config_path``), as on slime; ``max_turns``, ``max_tokens_per_turn`` and
+``env_kwargs`` here override it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class TrainConfig:
     rollout_stop_token_ids: list[int] | None = None  # slime's --rollout-stop-token-ids
     rollout_shuffle: bool = True
     max_turns: int | None = None  # overrides the plugin YAML's max_turns
+    max_tokens_per_turn: int | None = None  # overrides the plugin YAML's per-turn generation cap
     env_kwargs: dict[str, Any] | None = None  # overrides the plugin YAML's env_kwargs
     # --- GRPO ---
     rewards_normalization: bool = True
@@ -150,8 +152,9 @@ class TrainConfig:
             )
         if self.save_interval is not None and self.save_interval < 1:
             raise ConfigError(f"save_interval must be >= 1 or None, got {self.save_interval}")
-        if self.max_turns is not None and self.max_turns < 1:
-            raise ConfigError(f"max_turns must be >= 1, got {self.max_turns}")
+        for name in ("max_turns", "max_tokens_per_turn"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
 
     @classmethod
     def field_names(cls) -> list[str]:

@@ -50,7 +50,7 @@ class TurnSeededEngine:
 
 
 def plugin_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """The plugin YAML's settings with the trainer's overrides (``max_turns``, ``env_kwargs``)."""
+    """The plugin YAML's settings with the trainer's overrides (max_turns, max_tokens_per_turn, env_kwargs)."""
     path = Path(cfg.custom_config_path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -62,6 +62,8 @@ def plugin_settings(cfg: TrainConfig) -> dict[str, Any]:
         raise ValueError(f"plugin config {path} must be a mapping of settings, got {type(settings).__name__}")
     if cfg.max_turns is not None:
         settings["max_turns"] = cfg.max_turns
+    if cfg.max_tokens_per_turn is not None:
+        settings["max_tokens_per_turn"] = cfg.max_tokens_per_turn
     if cfg.env_kwargs is not None:
         settings["env_kwargs"] = dict(cfg.env_kwargs)
     return settings

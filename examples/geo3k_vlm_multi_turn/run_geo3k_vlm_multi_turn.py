@@ -56,7 +56,10 @@ DEMO_SETTINGS: dict[str, Any] = {
     "num_rollout": 16,
     "rollout_batch_size": 4,
     "n_samples_per_prompt": 8,
-    "rollout_max_response_len": 192,
+    "rollout_max_response_len": 256,
+    # A random model rarely ends its turn by itself: the cap hands each 64-token turn to the env, so
+    # the report shows tool feedback and up to three turns per episode.
+    "max_tokens_per_turn": 64,
     "lr": 1e-5,
     "micro_batch_size": 8,
     "device": "cpu",
