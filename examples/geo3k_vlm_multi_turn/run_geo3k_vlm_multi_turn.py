@@ -278,8 +278,8 @@ def check_local_images(train: Path) -> None:
     if urls:
         raise SystemExit(
             f"{train}: images are URLs ({urls[0][:60]}...); the local backend reads image files and data "
-            "URIs only. Download the images and rewrite the images column with local paths first, or run "
-            "on slime, which fetches URLs itself."
+            "URIs only. Fetch them first with `python examples/geo3k_vlm_multi_turn/prepare_data.py "
+            "--source processed --out DIR` and pass --data-dir DIR, or run on slime, which fetches URLs itself."
         )
 
 
