@@ -232,18 +232,17 @@ def local_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_local(args: argparse.Namespace) -> int:
-    if args.demo:
-        data = ensure_sample_data(args.data_dir or DEMO_DATA_DIR)
-        model = args.model or DEMO_MODEL
-    else:
-        data = ensure_dataset(args.data_dir or Path.home() / "datasets" / "geo3k_imgurl_processed")
-        model = args.model or DEFAULT_LOCAL_MODEL
-    cfg = local_config(args).replace(prompt_data=str(data), hf_checkpoint=model)
+    default_data = DEMO_DATA_DIR if args.demo else Path.home() / "datasets" / "geo3k_imgurl_processed"
+    data_dir = args.data_dir or default_data
+    model = args.model or (DEMO_MODEL if args.demo else DEFAULT_LOCAL_MODEL)
+    cfg = local_config(args).replace(prompt_data=str(data_dir / "train.parquet"), hf_checkpoint=model)
     if args.dry_run:
-        print("local trainer settings:")
+        print("local trainer settings (nothing downloaded or generated):")
         for key, value in cfg.to_dict().items():
             print(f"  {key}: {value}")
         return 0
+    data = ensure_sample_data(data_dir) if args.demo else ensure_dataset(data_dir)
+    cfg = cfg.replace(prompt_data=str(data))
     cfg = cfg.replace(hf_checkpoint=ensure_model(model, args.model_root))
     check_local_images(data)
 
