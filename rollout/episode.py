@@ -196,7 +196,7 @@ async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> 
             kept = result.token_ids[:vision]
             text = processing.tokenizer.decode(kept, skip_special_tokens=False)
             state.trajectory.append(Segment(kept, True, text, log_probs=list(result.log_probs[:vision])))
-            return "FAILED", "the model generated image placeholder tokens"
+            return "FAILED", "the model generated vision placeholder tokens"
         state.trajectory.append(
             Segment(result.token_ids, True, result.text, log_probs=list(result.log_probs), meta_info=result.meta_info)
         )
@@ -250,7 +250,7 @@ def _hit_turn_cap_only(config: RolloutConfig, left: int | None, token_ids: list[
 
 
 def _first_vision_token(processing: Processing, token_ids: list[int]) -> int | None:
-    vision = (processing.image_pad_id, processing.vision_start_id, processing.vision_end_id)
+    vision = processing.vision_token_ids
     return next((i for i, token in enumerate(token_ids) if token in vision), None)
 
 

@@ -33,6 +33,8 @@ class Processing:
     vision_end_id: int
     merge_size: int
     special_token_strings: tuple[str, ...]
+    # Tokens only the processor may place; a model that samples one breaks the trainer's forward pass.
+    vision_token_ids: frozenset[int]
 
     @classmethod
     def from_tokenizer_and_processor(cls, tokenizer: Any, processor: Any) -> Processing:
@@ -54,6 +56,10 @@ class Processing:
             vision_end_id=ids("<|vision_end|>"),
             merge_size=int(getattr(processor.image_processor, "merge_size", 2)),
             special_token_strings=specials,
+            vision_token_ids=frozenset(
+                ids(token)
+                for token in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+            ),
         )
 
     def encode_trusted(self, text: str) -> list[int]:

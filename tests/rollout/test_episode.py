@@ -197,13 +197,21 @@ async def test_prompt_pad_count_mismatch_fails_the_sample(qwen25_processing):
     assert engine.requests == []
 
 
+@pytest.mark.parametrize("token", ["<|video_pad|>", "<|vision_end|>"])
+async def test_model_generating_other_vision_tokens_fails(qwen25_processing, token):
+    tok = qwen25_processing.tokenizer
+    engine = ScriptedEngine(tok, [[9707, tok.convert_tokens_to_ids(token), 1879]])
+    out = await rollout.generate(make_args(engine), make_sample(tok), {})
+    assert out.status == Status.FAILED and out.tokens[out.prompt_length :] == [9707]
+
+
 async def test_model_generating_image_pads_fails_instead_of_breaking_training(qwen25_processing):
     tok = qwen25_processing.tokenizer
     pad = qwen25_processing.image_pad_id
     engine = ScriptedEngine(tok, [[9707, pad, 1879]])
     out = await rollout.generate(make_args(engine), make_sample(tok), {})
     assert out.status == Status.FAILED and out.remove_sample
-    assert out.metadata["status_reason"] == "the model generated image placeholder tokens"
+    assert out.metadata["status_reason"] == "the model generated vision placeholder tokens"
     assert_invariants(out)
     # The response stops before the placeholder, so a forward pass over the sample still works.
     assert out.tokens[out.prompt_length :] == [9707]
