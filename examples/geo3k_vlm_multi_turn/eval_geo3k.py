@@ -57,7 +57,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1)
     parser.add_argument(
-        "--max-new-tokens", type=int, default=1024, help="response budget per episode (model + env tokens)"
+        "--max-new-tokens",
+        type=int,
+        default=4096,
+        help="response budget per episode, model plus env tokens (default 4096, the training recipe)",
     )
     parser.add_argument("--max-turns", type=int, default=None, help="override the plugin config's max_turns")
     parser.add_argument(

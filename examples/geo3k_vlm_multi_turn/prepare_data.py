@@ -12,7 +12,8 @@ slime's ``--prompt-data`` needs. Rerunning skips every image already stored.
 
 Bad rows (placeholder/image count mismatch, an answer math-verify cannot parse, an image that failed
 to fetch or does not decode) are listed before anything is written. By default they are written
-anyway; ``--drop-bad-rows`` leaves them out; ``--strict`` writes nothing and exits with status 1.
+anyway; ``--drop-bad-rows`` leaves them out; ``--strict`` writes no parquet file and exits with status 1
+(images stored so far stay in the store, so the next run does not fetch them again).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="store image paths relative to OUT (readable by this project, not by slime)",
     )
     bad = parser.add_mutually_exclusive_group()
-    bad.add_argument("--strict", action="store_true", help="any bad row: write nothing, exit 1")
+    bad.add_argument("--strict", action="store_true", help="any bad row: write no parquet file, exit 1")
     bad.add_argument("--drop-bad-rows", action="store_true", help="leave bad rows out of the output")
     parser.add_argument("--concurrency", type=int, default=defaults.concurrency, help="parallel downloads")
     parser.add_argument("--timeout", type=float, default=defaults.timeout_s, help="seconds per request")
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None, *, downloader: Downloader | None = N
     bad = sum(len(report.bad_rows) for report in reports)
     print(f"done in {time.perf_counter() - started:.1f} s")
     if bad and policy == "strict":
-        print(f"{bad} bad row(s) and --strict: nothing was written", file=sys.stderr)
+        print(f"{bad} bad row(s) and --strict: no parquet file was written", file=sys.stderr)
         return EXIT_BAD_ROWS
     if bad and policy == "report":
         print(

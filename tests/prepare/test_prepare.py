@@ -305,7 +305,7 @@ def test_cli_processed_download_strict_and_drop(image_server, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "train: 4 bad row(s) of 7 (4 problem(s))" in err
     assert "  row 3 [answer]: answer is empty; every row needs the exact answer as its label" in err
-    assert err.splitlines()[-1] == "4 bad row(s) and --strict: nothing was written"
+    assert err.splitlines()[-1] == "4 bad row(s) and --strict: no parquet file was written"
     assert not (out / "train.parquet").exists()
 
     assert script.main([*common, "--drop-bad-rows", "--splits", "train"], downloader=fake) == 0
