@@ -194,6 +194,7 @@ async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> 
             # Keep only what precedes it: even a removed sample goes through the trainer's forward
             # pass, which would look for image features that do not exist.
             kept = result.token_ids[:vision]
+            record.model_tokens = len(kept)
             text = processing.tokenizer.decode(kept, skip_special_tokens=False)
             state.trajectory.append(Segment(kept, True, text, log_probs=list(result.log_probs[:vision])))
             return "FAILED", "the model generated vision placeholder tokens"

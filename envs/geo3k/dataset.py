@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -256,10 +257,17 @@ def parse_answer(answer: str) -> list[Any]:
     from math_verify import parse
 
     text = answer.strip()
-    for wrapped in (f"\\boxed{{{text}}}", f"${text}$"):
-        parsed = parse(wrapped, parsing_timeout=None)
-        if any(not isinstance(item, str) for item in parsed):
-            return parsed
+    # math-verify warns that its timeout is off; here that is deliberate (labels are trusted).
+    math_verify_logger = logging.getLogger("math_verify")
+    level = math_verify_logger.level
+    math_verify_logger.setLevel(logging.ERROR)
+    try:
+        for wrapped in (f"\\boxed{{{text}}}", f"${text}$"):
+            parsed = parse(wrapped, parsing_timeout=None)
+            if any(not isinstance(item, str) for item in parsed):
+                return parsed
+    finally:
+        math_verify_logger.setLevel(level)
     return []
 
 

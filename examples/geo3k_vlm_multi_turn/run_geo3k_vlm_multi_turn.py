@@ -172,17 +172,50 @@ def ensure_sample_data(data_dir: Path, n: int = DEMO_PROBLEMS, seed: int = 0) ->
 
 
 def ensure_dataset(data_dir: Path) -> Path:
-    """``data_dir/train.parquet``, downloading the processed geo3k dataset when it is missing."""
-    train = data_dir / "train.parquet"
-    if train.is_file():
-        return train
-    from huggingface_hub import snapshot_download
+    """A train.parquet with local images: ``data_dir/train.parquet`` when it has them, otherwise the
+    processed geo3k dataset (downloaded into ``data_dir`` when missing) prepared next to it, with
+    every image URL fetched once into a local store (resumable; see prepare_data.py)."""
+    from envs.geo3k.prepare import find_parquet_splits
 
-    print(f"downloading {DATASET_REPO} into {data_dir}")
-    snapshot_download(repo_id=DATASET_REPO, repo_type="dataset", local_dir=str(data_dir))
-    if not train.is_file():
-        raise FileNotFoundError(f"{DATASET_REPO} was downloaded into {data_dir} but has no train.parquet")
-    return train
+    train = data_dir / "train.parquet"
+    if train.is_file() and not _has_url_images(train):
+        return train
+    if not data_dir.is_dir() or not any(data_dir.rglob("*.parquet")):
+        from huggingface_hub import snapshot_download
+
+        print(f"downloading {DATASET_REPO} into {data_dir}")
+        snapshot_download(repo_id=DATASET_REPO, repo_type="dataset", local_dir=str(data_dir))
+    if "train" not in find_parquet_splits(data_dir):
+        raise FileNotFoundError(f"{data_dir} holds no train split (train.parquet or train-*.parquet)")
+    return prepare_local_images(data_dir)
+
+
+def _has_url_images(train: Path) -> bool:
+    from envs.geo3k.dataset import read_geo3k_parquet
+
+    rows = read_geo3k_parquet(train)
+    return any(ref.startswith(("http://", "https://")) for row in rows[:1] for ref in row.images)
+
+
+def prepare_local_images(data_dir: Path) -> Path:
+    """Fetch the train split's images into ``<data_dir>-prepared`` once; later runs reuse it."""
+    from envs.geo3k.prepare import PrepareOptions, format_problems, format_summary, prepare_dataset
+
+    out_dir = data_dir.with_name(data_dir.name + "-prepared")
+    prepared = out_dir / "train.parquet"
+    if prepared.is_file():
+        return prepared
+    print(f"fetching the images of {data_dir} into {out_dir} (once; bad rows are dropped)")
+    reports = prepare_dataset(
+        data_dir, PrepareOptions(out_dir=out_dir, bad_rows="drop", splits=("train",), progress=True)
+    )
+    problems = format_problems(reports)
+    if problems:
+        print(problems)
+    print(format_summary(reports))
+    if not prepared.is_file():
+        raise SystemExit(f"preparing {data_dir} wrote no {prepared}; see the summary above")
+    return prepared
 
 
 def ensure_model(name: str, model_root: Path) -> str:
@@ -244,7 +277,6 @@ def run_local(args: argparse.Namespace) -> int:
     data = ensure_sample_data(data_dir) if args.demo else ensure_dataset(data_dir)
     cfg = cfg.replace(prompt_data=str(data))
     cfg = cfg.replace(hf_checkpoint=ensure_model(model, args.model_root))
-    check_local_images(data)
 
     from trainer.loop import train
 
@@ -266,20 +298,6 @@ def run_local(args: argparse.Namespace) -> int:
     print(f"  report:     {result.report}")
     print(f"  checkpoint: {result.last_checkpoint}")
     return 0
-
-
-def check_local_images(train: Path) -> None:
-    """The local trainer decodes images from files or data URIs; URLs need a download step first."""
-    from envs.geo3k.dataset import read_geo3k_parquet
-
-    rows = read_geo3k_parquet(train)
-    urls = [ref for ref in (rows[0].images if rows else []) if ref.startswith(("http://", "https://"))]
-    if urls:
-        raise SystemExit(
-            f"{train}: images are URLs ({urls[0][:60]}...); the local backend reads image files and data "
-            "URIs only. Fetch them first with `python examples/geo3k_vlm_multi_turn/prepare_data.py "
-            "--source processed --out DIR` and pass --data-dir DIR, or run on slime, which fetches URLs itself."
-        )
 
 
 def slime_config(args: argparse.Namespace) -> TrainConfig:
