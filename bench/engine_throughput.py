@@ -167,6 +167,31 @@ class Row:
     generated_tokens: int
     seconds: float
     tokens_per_s: float
+    # transformers' own `model.generate` on the same batch, for reference (``--baseline-generate``).
+    generate_tokens_per_s: float | None = None
+
+
+def plain_generate_tokens_per_s(policy: Policy, text: str, batch: int, new_tokens: int, offset: int) -> float:
+    """Time ``model.generate`` (sampling, top-k off, exactly ``new_tokens`` each) on ``batch`` prompts."""
+    policy.processor.tokenizer.padding_side = "left"
+    inputs = policy.processor(
+        text=[text] * batch,
+        images=[diagram(offset + i) for i in range(batch)],
+        return_tensors="pt",
+        padding=True,
+    ).to(policy.model.device)
+    kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                  min_new_tokens=new_tokens)  # fmt: skip
+    with torch.no_grad():
+        policy.model.generate(**inputs, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = policy.model.generate(**inputs, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    generated = (out.shape[1] - inputs["input_ids"].shape[1]) * batch
+    return generated / (time.perf_counter() - started)
 
 
 async def _one_batch(engine: LocalEngine, prompt_ids: list[int], batch: int, new_tokens: int, offset: int):
@@ -182,7 +207,9 @@ async def _one_batch(engine: LocalEngine, prompt_ids: list[int], batch: int, new
     return results, seconds
 
 
-async def run_benchmark(policy: Policy, batch_sizes: list[int], new_tokens: int, repeats: int) -> list[Row]:
+async def run_benchmark(
+    policy: Policy, batch_sizes: list[int], new_tokens: int, repeats: int, baseline: bool = False
+) -> list[Row]:
     messages = [
         {
             "role": "user",
@@ -213,6 +240,11 @@ async def run_benchmark(policy: Policy, batch_sizes: list[int], new_tokens: int,
                 generated_tokens=generated,
                 seconds=round(seconds, 3),
                 tokens_per_s=round(generated / seconds, 1),
+                generate_tokens_per_s=(
+                    round(plain_generate_tokens_per_s(policy, text, batch, new_tokens, offset=50_000), 1)
+                    if baseline
+                    else None
+                ),
             )
         )
         print(f"batch {batch}: {generated} tokens in {seconds:.2f} s", file=sys.stderr, flush=True)
@@ -220,14 +252,17 @@ async def run_benchmark(policy: Policy, batch_sizes: list[int], new_tokens: int,
 
 
 def markdown(rows: list[Row]) -> str:
+    baseline = any(r.generate_tokens_per_s is not None for r in rows)
     lines = [
-        "| batch | prompt tokens / request | new tokens / request | wall s | generated tok/s |",
-        "|---:|---:|---:|---:|---:|",
+        "| batch | prompt tokens / request | new tokens / request | wall s | generated tok/s |"
+        + (" model.generate tok/s |" if baseline else ""),
+        "|---:|---:|---:|---:|---:|" + ("---:|" if baseline else ""),
     ]
     for r in rows:
         lines.append(
             f"| {r.batch_size} | {r.prompt_tokens_per_request} | {r.new_tokens_per_request} | "
             f"{r.seconds:.2f} | {r.tokens_per_s:.1f} |"
+            + (f" {r.generate_tokens_per_s:.1f} |" if baseline else "")
         )
     return "\n".join(lines)
 
@@ -263,6 +298,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--baseline-generate", action="store_true", help="also time transformers' model.generate per batch"
+    )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--output-dir", type=Path, default=HERE / "results")
@@ -286,7 +324,11 @@ def main(argv: list[str] | None = None) -> dict:
         policy = load_policy(args.model, device=device, dtype=dtype)
         model_name = args.model
     parameters = sum(p.numel() for p in policy.model.parameters())
-    rows = asyncio.run(run_benchmark(policy, args.batch_sizes, args.new_tokens, args.repeats))
+    rows = asyncio.run(
+        run_benchmark(
+            policy, args.batch_sizes, args.new_tokens, args.repeats, baseline=args.baseline_generate
+        )
+    )
     report = {
         "benchmark": "engine_throughput",
         "date": date.today().isoformat(),
