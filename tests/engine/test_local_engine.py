@@ -448,3 +448,22 @@ async def test_a_model_left_in_train_mode_generates_and_keeps_its_mode(qwen25_sm
         result = await engine.generate(ids, [], {"max_new_tokens": 4, "ignore_eos": True})
     assert len(result.token_ids) == 4
     assert policy.model.training
+
+
+async def test_generation_config_top_k_never_filters_sampling(qwen25_small_policy, image_a):
+    """A checkpoint's generation_config (top_k=50 by default for configs built in code) must not
+    filter what the engine samples: log-probs stay the policy's when the request disables top-k."""
+    policy = qwen25_small_policy
+    config = policy.model.generation_config
+    saved = (config.top_k, config.top_p, config.temperature)
+    config.top_k, config.top_p, config.temperature = 50, 0.5, 0.3
+    try:
+        text = chat_text(policy, "Find x.")
+        async with LocalEngine(policy, seed=5) as engine:
+            result = await engine.generate(
+                single_pad_ids(policy, text), [image_a], {"max_new_tokens": 16, "ignore_eos": True, "top_k": -1}
+            )
+    finally:
+        config.top_k, config.top_p, config.temperature = saved
+    forced = teacher_forced(policy, expanded_inputs(policy, text, [image_a]), result.token_ids)
+    assert (forced - torch.tensor(result.log_probs)).abs().max().item() <= 1e-4
