@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
+from envs.images import load_image
 from rollout.config import RolloutConfig
 from rollout.engines.base import FINISH_ABORT, FINISH_LENGTH, Engine, EngineError
-from rollout.engines.images import load_image
 from rollout.observation import ObservationEncoder
 from rollout.processing import ImagePadMismatch, Processing
 from rollout.trajectory import Segment, Trajectory

@@ -17,9 +17,6 @@ just ``2`` and ``16\\pi`` as ``16``.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import logging
 import re
 from collections.abc import Iterable, Sequence
@@ -31,6 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from envs.images import ImageLoadError, encode_png, load_image, to_data_uri
+
 IMAGE_PLACEHOLDER = "<image>"
 COLUMNS: tuple[str, ...] = ("problem", "answer", "images")
 PARQUET_SCHEMA = pa.schema(
@@ -41,9 +40,6 @@ PARQUET_SCHEMA = pa.schema(
     ]
 )
 IMAGE_MODES: tuple[str, ...] = ("files", "data_uri")
-_DATA_URI = re.compile(
-    r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^,;]*)*?);base64,(?P<payload>.*)", re.S
-)
 _URL_SCHEMES = ("http://", "https://")
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -84,23 +80,12 @@ class RowProblem:
         return f"row {self.index} [{self.column}]: {self.message}"
 
 
-class RowImageError(ValueError):
-    """An image reference that cannot be turned into a decoded image."""
+class RowImageError(ImageLoadError):
+    """A row's image reference that cannot be turned into a decoded image."""
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Writing
-
-
-def encode_png(image: Image.Image) -> bytes:
-    """PNG bytes that depend only on the pixels: no metadata chunks, fixed compression settings."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False, compress_level=6)
-    return buffer.getvalue()
-
-
-def png_data_uri(image: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(encode_png(image)).decode("ascii")
 
 
 def write_geo3k_parquet(
@@ -140,7 +125,7 @@ def write_geo3k_parquet(
         refs: list[str] = []
         for k, image in enumerate(images):
             if image_mode == "data_uri":
-                refs.append(png_data_uri(image))
+                refs.append(to_data_uri(image))
                 continue
             image_dir.mkdir(exist_ok=True)
             name = f"{split_name}_{row:06d}_{k}.png"
@@ -196,52 +181,15 @@ def _image_ref(item: Any, row: int, k: int, parquet: Path) -> str:
     return str(parquet.parent / item)
 
 
-def load_image(ref: str) -> Image.Image:
-    """Decode one image reference (file path or data URI) into an RGB image."""
-    if ref.startswith(_URL_SCHEMES):
-        raise RowImageError(
-            f"image {ref!r} is a URL; this loader reads only local files and data URIs. Run the data "
-            "preparation step for this dataset to download the images into local files first"
-        )
-    if ref.startswith("data:"):
-        match = _DATA_URI.fullmatch(ref)
-        if match is None:
-            raise RowImageError(
-                f"data URI {_shorten(ref)} is not base64-encoded; write it as data:image/png;base64,<payload>"
-            )
-        try:
-            raw = base64.b64decode(match.group("payload"), validate=True)
-        except binascii.Error as error:
-            raise RowImageError(
-                f"data URI {_shorten(ref)} has an invalid base64 payload ({error})"
-            ) from error
-        source: io.BytesIO | Path = io.BytesIO(raw)
-    else:
-        source = Path(ref)
-        if not source.is_file():
-            raise RowImageError(f"image file {ref} does not exist")
-    where = ref if isinstance(source, Path) else _shorten(ref)
-    try:
-        with Image.open(source) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as error:
-        raise RowImageError(f"image {where} does not decode ({type(error).__name__}: {error})") from error
-
-
 def load_row_images(row: Geo3kRow) -> list[Image.Image]:
     """The row's images, decoded, in placeholder order."""
     images = []
     for k, ref in enumerate(row.images):
         try:
             images.append(load_image(ref))
-        except RowImageError as error:
+        except ImageLoadError as error:
             raise RowImageError(f"row {row.index} image {k}: {error}") from error
     return images
-
-
-def _shorten(ref: str, limit: int = 60) -> str:
-    return ref if len(ref) <= limit else f"{ref[: limit - 3]}..."
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -313,7 +261,7 @@ def validate_rows(rows: Sequence[Geo3kRow], *, check_images: bool = True) -> lis
             for k, ref in enumerate(row.images):
                 try:
                     load_image(ref)
-                except RowImageError as error:
+                except ImageLoadError as error:
                     problems.append(RowProblem(row.index, "images", f"image {k}: {error}"))
     return problems
 

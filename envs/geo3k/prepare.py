@@ -51,10 +51,10 @@ from envs.geo3k.dataset import (
     PARQUET_SCHEMA,
     Geo3kRow,
     RowProblem,
-    encode_png,
     validate_rows,
 )
 from envs.geo3k.sample_data import INSTRUCTION_BLOCK, format_problem
+from envs.images import encode_png
 
 #: ``--source`` names and the dataset repositories they download.
 DATASET_SOURCES: dict[str, str] = {

@@ -51,6 +51,7 @@ from typing import Any
 
 import torch
 
+from envs.images import ImageLoadError, load_image
 from models.logprobs import mm_token_type_ids
 from rollout.engines.base import (
     FINISH_ABORT,
@@ -60,7 +61,6 @@ from rollout.engines.base import (
     GenerateResult,
     ImageInput,
 )
-from rollout.engines.images import ImageLoadError, load_image
 
 logger = logging.getLogger(__name__)
 

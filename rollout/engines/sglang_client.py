@@ -16,12 +16,11 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
+from envs.images import to_data_uri
 from rollout.engines.base import FINISH_ABORT, EngineError, GenerateResult, ImageInput
 
 
 def _data_uri(image: Image.Image) -> str:
-    from rollout.engines.images import to_data_uri
-
     return to_data_uri(image)
 
 

@@ -11,7 +11,7 @@ from fractions import Fraction
 import pytest
 from math_verify import parse, verify
 
-from envs.geo3k.dataset import encode_png, parse_answer
+from envs.geo3k.dataset import parse_answer
 from envs.geo3k.sample_data import (
     ANSWER_FORM_PATTERNS,
     ANSWER_FORMS,
@@ -33,6 +33,7 @@ from envs.geo3k.sample_data import (
     similar_triangles_problem,
     triangle_angle_sum_problem,
 )
+from envs.images import encode_png
 
 
 @pytest.fixture(scope="module")

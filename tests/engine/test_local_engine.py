@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from envs.images import to_data_uri
 from models.logprobs import mm_token_type_ids
 from rollout.engines.base import EngineError
-from rollout.engines.images import to_data_uri
 from rollout.engines.local import LocalEngine
 from tests.engine.conftest import chat_text, expanded_inputs, make_image, single_pad_ids, teacher_forced
 
@@ -295,7 +295,7 @@ async def test_eos_is_a_stop_with_its_id(eos_policy, image_a):
 # --- requests that are refused -----------------------------------------------------------------
 
 BAD_REQUESTS = [
-    ("http_image", "is an http(s) URL; this engine does not fetch from the network"),
+    ("http_image", "is a URL; images are read from local files and data URIs only"),
     ("more_images_than_runs", "input_ids contain 1 image pad run(s) but 2 image(s) were sent"),
     ("no_images", "input_ids contain 1 image pad run(s) but 0 image(s) were sent"),
     ("bad_run_length", "needs 9 <|image_pad|> tokens but its pad run has 3"),
@@ -307,7 +307,7 @@ BAD_REQUESTS = [
     ("top_p_zero", "top_p must be a number in (0, 1], got 0"),
     ("negative_max_new_tokens", "max_new_tokens must be an integer >= 0 or null, got -1"),
     ("stop_not_strings", "stop must be a non-empty string or a list of them, got [1]"),
-    ("unreadable_image", "image 0: data URI 'data:image/png;base64,aGVsbG8=' does not hold a readable image"),
+    ("unreadable_image", "image 0: image data URI data:image/png;base64,aGVsbG8= does not decode"),
 ]
 
 

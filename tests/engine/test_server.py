@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from rollout.engines.images import to_data_uri
+from envs.images import to_data_uri
 from rollout.engines.local import LocalEngine
 from rollout.server import start_server
 from tests.engine.conftest import chat_text, expanded_inputs, single_pad_ids
@@ -122,7 +122,7 @@ def _bad_bodies(ids: list[int], image: str) -> list[tuple[str, object, str]]:
             {"input_ids": ids, "image_data": [3]},
             "image_data must be a string or a list of strings",
         ),
-        ("http_image", {"input_ids": ids, "image_data": "http://example.com/a.png"}, "is an http(s) URL"),
+        ("http_image", {"input_ids": ids, "image_data": "http://example.com/a.png"}, "is a URL"),
         (
             "negative_temperature",
             {**pad_only, "sampling_params": {"temperature": -0.5}},
