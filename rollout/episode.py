@@ -37,6 +37,7 @@ import torch
 from envs.images import load_image
 from rollout.config import RolloutConfig
 from rollout.engines.base import FINISH_ABORT, FINISH_LENGTH, Engine, EngineError
+from rollout.image_cache import ProcessedImage, ProcessedImageCache
 from rollout.observation import ObservationEncoder
 from rollout.processing import ImagePadMismatch, Processing
 from rollout.trajectory import Segment, Trajectory
@@ -71,6 +72,9 @@ class EpisodeContext:
     encoder: ObservationEncoder
     env_module: Any
     env_executor: Executor
+    # Image processing and prompt encoding (milliseconds each) run here, never on the event loop.
+    prep_executor: Executor
+    image_cache: ProcessedImageCache
 
 
 class _EpisodeEnded(Exception):
@@ -96,8 +100,9 @@ async def run_episode(ctx: EpisodeContext, args: Any, sample: Any, sampling_para
     state: _State | None = None
     env = None
     status, reason = "COMPLETED", "max_turns reached"
+    loop = asyncio.get_running_loop()
     try:
-        state = _encode_prompt(ctx, sample)
+        state = await loop.run_in_executor(ctx.prep_executor, _encode_prompt, ctx, sample)
         env = await _in_env_thread(ctx, ctx.env_module.build_env, sample=sample, args=args, **ctx.config.env_kwargs)
         await _call_env(ctx, env.reset)
         status, reason = await _turn_loop(ctx, args, sample, sampling_params, state, env)
@@ -111,7 +116,8 @@ async def run_episode(ctx: EpisodeContext, args: Any, sample: Any, sampling_para
                 reason += f" (env.close failed: {exc!r})"
     if state is None:
         state = _State(trajectory=Trajectory(prompt_ids=[]), request_ids=[])
-    _finish(ctx, args, sample, state, env, status_enum, status, reason)
+    train_inputs = await loop.run_in_executor(ctx.prep_executor, _train_inputs, state)
+    _finish(ctx, args, sample, state, env, status_enum, status, reason, train_inputs)
     return sample
 
 
@@ -130,9 +136,8 @@ def _encode_prompt(ctx: EpisodeContext, sample: Any) -> _State:
     state = _State(trajectory=Trajectory(prompt_ids=[]), request_ids=[])
     try:
         if images:
-            mm = processing.process_images(images)
-            ids = processing.expand_image_pads(ids, processing.pads_per_image(mm["image_grid_thw"]))
-            _add_images(ctx, state, images, mm)
+            _add_images(ctx, state, images)
+            ids = processing.expand_image_pads(ids, processing.pads_per_image(torch.cat(state.grids)))
         elif processing.count_image_pads(ids):
             raise ImagePadMismatch("the prompt has image placeholders but the sample has no images")
     except ImagePadMismatch as exc:
@@ -142,13 +147,18 @@ def _encode_prompt(ctx: EpisodeContext, sample: Any) -> _State:
     return state
 
 
-def _add_images(ctx: EpisodeContext, state: _State, images: list[Any], mm: dict[str, torch.Tensor]) -> None:
-    prepare = getattr(ctx.engine, "prepare_image", None)
-    state.images.extend(images)
-    # Encoded once here (e.g. PNG data URIs for SGLang), then reused by every later turn's request.
-    state.payloads.extend(prepare(image) if prepare else image for image in images)
-    state.pixel_values.append(mm["pixel_values"])
-    state.grids.append(mm["image_grid_thw"])
+def _add_images(ctx: EpisodeContext, state: _State, images: list[Any]) -> None:
+    """Process each image (once per distinct image, see ProcessedImageCache) and keep what the
+    engine is sent for it (e.g. a PNG data URI for SGLang), reused by every later turn's request."""
+    _add_entries(ctx, state, [ctx.image_cache.get(ctx.processing, image) for image in images])
+
+
+def _add_entries(ctx: EpisodeContext, state: _State, entries: list[ProcessedImage]) -> None:
+    for entry in entries:
+        state.images.append(entry.image)
+        state.payloads.append(ctx.image_cache.payload(entry, ctx.engine))
+        state.pixel_values.append(entry.pixel_values)
+        state.grids.append(entry.image_grid_thw)
 
 
 def _budget_left(args: Any, sampling_params: dict[str, Any], trajectory: Trajectory) -> int | None:
@@ -223,23 +233,27 @@ async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> 
 
         started = time.perf_counter()
         try:
-            inserted = _encode_observation(ctx, env, observation, state)
+            message = await _call_env(ctx, env.format_observation, observation)
+            inserted = _encode_observation(ctx, message, state)
+            if inserted is None:  # images: process them off the loop
+                inserted = await asyncio.get_running_loop().run_in_executor(
+                    ctx.prep_executor, _encode_observation, ctx, message, state, True
+                )
         except Exception as exc:
             record.error = f"{type(exc).__name__}: {exc}"
             return "FAILED", f"observation at turn {turn} could not be encoded: {exc}"
         finally:
             record.env_s += time.perf_counter() - started
-        tokens, text, images, mm, request_tail = inserted
+        tokens, text, entries, request_tail = inserted
         left = _budget_left(args, sampling_params, state.trajectory)
         if left is not None and len(tokens) > left:
             return "TRUNCATED", f"the observation after turn {turn} ({len(tokens)} tokens) does not fit ({left} left)"
         state.trajectory.append(Segment(tokens, False, text))
         state.request_ids.extend(request_tail)
-        if images:
-            _add_images(ctx, state, images, mm)
+        _add_entries(ctx, state, entries)
         record.env_tokens = len(tokens)
         record.observation_text = text
-        record.observation_images = len(images)
+        record.observation_images = len(entries)
     return "COMPLETED", "max_turns reached"
 
 
@@ -255,9 +269,10 @@ def _first_vision_token(processing: Processing, token_ids: list[int]) -> int | N
     return next((i for i, token in enumerate(token_ids) if token in vision), None)
 
 
-def _encode_observation(ctx: EpisodeContext, env, observation, state: _State):
+def _encode_observation(ctx: EpisodeContext, message: dict[str, Any], state: _State, with_images: bool = False):
+    """The inserted tokens for one observation message, or None when it holds images and
+    ``with_images`` is False (the caller then runs this again off the event loop)."""
     processing = ctx.processing
-    message = env.format_observation(observation)
     tools = getattr(ctx.env_module, "TOOLS", None) if ctx.config.tools_in_prompt else None
     encoded = ctx.encoder.encode_message(message, tools)
     # A model that stopped on a stop string (e.g. "</tool_call>") never produced its end-of-turn
@@ -266,16 +281,19 @@ def _encode_observation(ctx: EpisodeContext, env, observation, state: _State):
     end_of_turn = [] if last == processing.eos_token_id else [processing.eos_token_id]
     text = (processing.eos_token if end_of_turn else "") + encoded.text
     ids = end_of_turn + encoded.token_ids
-    images = [load_image(image) for image in encoded.images]
-    mm = None
+    if encoded.images and not with_images:
+        return None
+    entries = [ctx.image_cache.get(processing, load_image(image)) for image in encoded.images]
+    for entry in entries:
+        ctx.image_cache.payload(entry, ctx.engine)  # encode here, off the event loop
     expanded = ids
-    if images:
-        mm = processing.process_images(images)
-        expanded = processing.expand_image_pads(ids, processing.pads_per_image(mm["image_grid_thw"]))
+    if entries:
+        grids = torch.cat([entry.image_grid_thw for entry in entries])
+        expanded = processing.expand_image_pads(ids, processing.pads_per_image(grids))
     elif processing.count_image_pads(ids):
         raise ImagePadMismatch("the observation text holds image placeholders but no images")
     request_tail = ids if ctx.config.image_token_mode == "single_pad" else expanded
-    return expanded, text, images, mm, request_tail
+    return expanded, text, entries, request_tail
 
 
 def _record_step_info(record: TurnRecord, info: Any, done: bool) -> None:
@@ -324,22 +342,26 @@ def outcome_of(env: Any, turns: list[TurnRecord]) -> dict[str, Any]:
     return {"score": max(scores) if scores else 0.0, "attempts": len(scores)}
 
 
-def _finish(ctx, args, sample, state: _State, env, status_enum, status: str, reason: str) -> None:
+def _train_inputs(state: _State) -> dict[str, torch.Tensor] | None:
+    """``multimodal_train_inputs``: every image's tensors in token order (one image: shared, uncopied)."""
+    if not state.pixel_values:
+        return None
+    if len(state.pixel_values) == 1:
+        return {"pixel_values": state.pixel_values[0], "image_grid_thw": state.grids[0]}
+    return {"pixel_values": torch.cat(state.pixel_values), "image_grid_thw": torch.cat(state.grids)}
+
+
+def _finish(ctx, args, sample, state: _State, env, status_enum, status: str, reason: str, train_inputs) -> None:
     outcome = outcome_of(env, state.turns) if env is not None else {"score": 0.0}
     if status == "COMPLETED" and outcome.get("grader_unavailable"):
         status, reason = "FAILED", "the answer grader was unavailable; the score says nothing about the model"
     state.trajectory.write_to(sample, args)
-    if state.pixel_values:
-        sample.multimodal_train_inputs = {
-            "pixel_values": torch.cat(state.pixel_values),
-            "image_grid_thw": torch.cat(state.grids),
-        }
+    sample.multimodal_train_inputs = train_inputs
+    if train_inputs is not None:
         pads = ctx.processing.count_image_pads(sample.tokens)
         expected = sum(ctx.processing.pads_per_image(sample.multimodal_train_inputs["image_grid_thw"]))
         if pads != expected:
             raise ImagePadMismatch(f"trajectory holds {pads} image pads but its images need {expected}")
-    else:
-        sample.multimodal_train_inputs = None
     sample.status = getattr(status_enum, status)
     metadata = sample.metadata if isinstance(getattr(sample, "metadata", None), dict) else {}
     metadata["turns"] = [dataclasses.asdict(t) for t in state.turns]

@@ -16,6 +16,7 @@ from rollout.config import RolloutConfig
 from rollout.engines.base import Engine
 from rollout.engines.sglang_client import SGLangClient
 from rollout.episode import EpisodeContext
+from rollout.image_cache import ProcessedImageCache
 from rollout.observation import ObservationEncoder
 from rollout.processing import ProcessingCache
 
@@ -27,6 +28,10 @@ class RolloutRuntime:
         self._env_modules: dict[str, Any] = {}
         self._clients: dict[str, SGLangClient] = {}
         self._executor: ThreadPoolExecutor | None = None
+        # Two threads: image processing releases the GIL in numpy, and a second thread keeps one
+        # large image from delaying every other episode's prompt.
+        self._prep_executor = ThreadPoolExecutor(2, thread_name_prefix="rollout-prep")
+        self.image_cache = ProcessedImageCache()
         self._lock = threading.Lock()
 
     def context(self, args: Any) -> EpisodeContext:
@@ -48,6 +53,8 @@ class RolloutRuntime:
             encoder=encoder,
             env_module=env_module,
             env_executor=self._executor,
+            prep_executor=self._prep_executor,
+            image_cache=self.image_cache,
         )
 
     def _env_module(self, path: str) -> Any:
@@ -71,6 +78,7 @@ class RolloutRuntime:
             await client.close()
 
     def shutdown(self) -> None:
+        self._prep_executor.shutdown(wait=False, cancel_futures=True)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None

@@ -376,3 +376,39 @@ async def test_reward_comes_from_the_outcome_not_the_text(qwen25_processing):
     out = await rollout.generate(make_args(engine), make_sample(tok, label="7"), {})
     assert out.metadata["outcome"]["score"] == 1.0
     assert await rollout.reward(make_args(engine), out) == 1.0
+
+
+async def test_a_groups_copies_of_an_image_are_processed_and_encoded_once(qwen25_processing):
+    """slime deep-copies each prompt n times: the image is processed once, off the event loop, and
+    sent as one payload; the samples share its tensors."""
+    import copy
+    import threading
+
+    from rollout.image_cache import ProcessedImageCache
+    from rollout.runtime import default_runtime
+
+    tok = qwen25_processing.tokenizer
+    runtime = default_runtime()
+    runtime.image_cache = ProcessedImageCache()  # fresh counters for this test
+    threads, encoded = [], []
+    original = qwen25_processing.process_images
+
+    def recording(images):
+        threads.append(threading.current_thread().name)
+        return original(images)
+
+    qwen25_processing.process_images = recording
+    try:
+        base = make_sample(tok, size=140)
+        samples = [copy.deepcopy(base) for _ in range(4)]
+        engine = ScriptedEngine(tok, [call("5")] * 4, prepare_image=lambda im: encoded.append(im.size) or "uri")
+        outs = await asyncio.gather(*[rollout.generate(make_args(engine), s, {}) for s in samples])
+    finally:
+        qwen25_processing.process_images = original
+    assert all(o.status == Status.COMPLETED for o in outs)
+    assert len(threads) == 1 and threads[0].startswith("rollout-prep")
+    assert encoded == [(140, 140)]
+    assert all(r["images"] == ["uri"] for r in engine.requests)
+    first = outs[0].multimodal_train_inputs["pixel_values"]
+    assert all(o.multimodal_train_inputs["pixel_values"] is first for o in outs)
+    assert (runtime.image_cache.misses, runtime.image_cache.hits) == (1, 3)
