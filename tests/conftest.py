@@ -56,3 +56,18 @@ async def close_default_runtime_clients():
     from rollout.runtime import default_runtime
 
     await default_runtime().aclose()
+
+
+@pytest.fixture(scope="session")
+def qwen25_processing():
+    """The rollout's view of tiny-qwen2.5-vl (tokenizer, processor, special ids), loaded once."""
+    from rollout.runtime import default_runtime
+
+    return default_runtime().processing.get("tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
+def qwen3_processing():
+    from rollout.runtime import default_runtime
+
+    return default_runtime().processing.get("tiny-qwen3-vl")

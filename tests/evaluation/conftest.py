@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections import Counter
 
-import pytest
 from PIL import Image, ImageDraw
 
 from rollout.engines.base import GenerateResult
@@ -18,10 +16,6 @@ def picture(shade: int = 0, size: int = 56) -> Image.Image:
     image = Image.new("RGB", (size, size), (255, 255, 255))
     ImageDraw.Draw(image).line([(4, size - 4), (size - 4, 4)], fill=(shade, 0, 0), width=3)
     return image
-
-
-def call(answer: str) -> str:
-    return f'<tool_call>{{"name": "calc_score", "arguments": {{"answer": "{answer}"}}}}</tool_call>'
 
 
 class ProblemScriptedEngine:
@@ -59,24 +53,3 @@ class ProblemScriptedEngine:
         meta = {"finish_reason": {"type": finish}}
         decoded = self.tokenizer.decode(ids, skip_special_tokens=False)
         return GenerateResult(ids, [-0.01] * len(ids), decoded, finish, None, meta)
-
-
-def make_args(engine, checkpoint: str = "tiny-qwen2.5-vl", **overrides) -> argparse.Namespace:
-    values = dict(
-        hf_checkpoint=checkpoint,
-        rollout_engine=engine,
-        rollout_max_context_len=None,
-        rollout_max_response_len=4096,
-        max_turns=3,
-        rollout_interaction_env_path="envs.geo3k",
-        env_kwargs={},
-    )
-    values.update(overrides)
-    return argparse.Namespace(**values)
-
-
-@pytest.fixture(scope="session")
-def qwen25_processing():
-    from rollout.runtime import default_runtime
-
-    return default_runtime().processing.get("tiny-qwen2.5-vl")

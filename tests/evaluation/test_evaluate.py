@@ -13,8 +13,9 @@ from envs.geo3k.dataset import Geo3kRow, read_geo3k_parquet, write_geo3k_parquet
 from envs.geo3k.sample_data import generate_problems
 from rollout.evaluation import EvalProblem, TurnAccuracy, evaluate, evaluate_sync
 from rollout.prompts import build_sample
+from tests.rollout.conftest import call, make_args
 
-from .conftest import ProblemScriptedEngine, call, make_args, picture
+from .conftest import ProblemScriptedEngine, picture
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "examples" / "geo3k_vlm_multi_turn" / "eval_geo3k.py"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pytest
 from PIL import Image, ImageDraw
 
 from rollout.engines.base import GenerateResult
@@ -77,17 +76,3 @@ def make_sample(tokenizer, text="Find x.", images=1, label="5", size=112) -> Sam
 
 def call(answer: str) -> str:
     return f'<tool_call>{{"name": "calc_score", "arguments": {{"answer": "{answer}"}}}}</tool_call>'
-
-
-@pytest.fixture(scope="session")
-def qwen25_processing():
-    from rollout.runtime import default_runtime
-
-    return default_runtime().processing.get("tiny-qwen2.5-vl")
-
-
-@pytest.fixture(scope="session")
-def qwen3_processing():
-    from rollout.runtime import default_runtime
-
-    return default_runtime().processing.get("tiny-qwen3-vl")
