@@ -103,8 +103,12 @@ async def run_episode(ctx: EpisodeContext, args: Any, sample: Any, sampling_para
     loop = asyncio.get_running_loop()
     try:
         state = await loop.run_in_executor(ctx.prep_executor, _encode_prompt, ctx, sample)
-        env = await _in_env_thread(ctx, ctx.env_module.build_env, sample=sample, args=args, **ctx.config.env_kwargs)
-        await _call_env(ctx, env.reset)
+        try:
+            env = await _in_env_thread(ctx, _build_and_reset, ctx, sample, args)
+            if inspect.iscoroutinefunction(env.reset):
+                await env.reset()
+        except Exception as exc:  # a bad row (say, no label) is a failed sample, not a crashed batch
+            raise _EpisodeEnded("FAILED", f"the env could not be built or reset: {type(exc).__name__}: {exc}") from None
         status, reason = await _turn_loop(ctx, args, sample, sampling_params, state, env)
     except _EpisodeEnded as ended:
         status, reason = ended.status, ended.reason
@@ -310,6 +314,18 @@ def _record_step_info(record: TurnRecord, info: Any, done: bool) -> None:
         record.tool_call = call
     elif info.get("answer") is not None:
         record.tool_call = {"answer": info.get("answer")}
+
+
+def _build_and_reset(ctx: EpisodeContext, sample: Any, args: Any) -> Any:
+    """One trip to the env threads for both calls (a sync reset runs right after the build)."""
+    env = ctx.env_module.build_env(sample=sample, args=args, **ctx.config.env_kwargs)
+    if not inspect.iscoroutinefunction(env.reset):
+        try:
+            env.reset()
+        except Exception:
+            env.close()
+            raise
+    return env
 
 
 async def _in_env_thread(ctx: EpisodeContext, function, *args, **kwargs):

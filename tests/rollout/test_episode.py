@@ -412,3 +412,13 @@ async def test_a_groups_copies_of_an_image_are_processed_and_encoded_once(qwen25
     first = outs[0].multimodal_train_inputs["pixel_values"]
     assert all(o.multimodal_train_inputs["pixel_values"] is first for o in outs)
     assert (runtime.image_cache.misses, runtime.image_cache.hits) == (1, 3)
+
+
+async def test_a_sample_the_env_cannot_be_built_for_fails_alone(qwen25_processing):
+    tok = qwen25_processing.tokenizer
+    engine = ScriptedEngine(tok, [])
+    out = await rollout.generate(make_args(engine), make_sample(tok, label=""), {})
+    assert out.status == Status.FAILED and out.remove_sample and out.reward == 0.0
+    assert out.metadata["status_reason"].startswith("the env could not be built or reset: EnvConfigError: ")
+    assert engine.requests == []
+    assert_invariants(out)
