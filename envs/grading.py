@@ -229,6 +229,7 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
             return
         if request is None:
             return
+        conn.send(_RECEIVED)  # lets the parent tell "died before the job" from "crashed on it"
         try:
             reply: tuple[str, str, str | None] = grade(*request)
         except MemoryError:
@@ -240,6 +241,9 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
         except Exception as exc:  # math-verify swallows most errors; anything else is a parse failure
             reply = (GradeStatus.PARSE_ERROR.value, "", f"{type(exc).__name__}: {str(exc)[:200]}")
         conn.send(reply)
+
+
+_RECEIVED = "received"
 
 
 def _has_math(parsed: list[Any]) -> bool:
@@ -457,28 +461,39 @@ class Grader:
         except RuntimeError:
             return result(GradeStatus.UNAVAILABLE, detail="the grader is closed")
 
-        worker = self._acquire(started + self.wait_timeout_s)
-        if worker is None:
-            return result(
-                GradeStatus.UNAVAILABLE,
-                detail="the grader is closed"
-                if self._closed
-                else f"no grading worker free within {self.wait_timeout_s:g} s",
-            )
-        try:
-            worker.conn.send((prepared, gold))
-            if not worker.conn.poll(timeout):
+        # A worker can die between the idle check and the send (killed from outside, OOM). Workers
+        # acknowledge each job before grading it, so a death before the acknowledgement is not the
+        # answer's fault: the answer goes to a fresh worker (once). A death after it is a crash.
+        for attempt in range(2):
+            worker = self._acquire(started + self.wait_timeout_s)
+            if worker is None:
+                return result(
+                    GradeStatus.UNAVAILABLE,
+                    detail="the grader is closed"
+                    if self._closed
+                    else f"no grading worker free within {self.wait_timeout_s:g} s",
+                )
+            received = False
+            deadline = time.monotonic() + timeout
+            try:
+                worker.conn.send((prepared, gold))
+                if worker.conn.poll(timeout):
+                    received = worker.conn.recv() == _RECEIVED
+                if not received or not worker.conn.poll(max(0.0, deadline - time.monotonic())):
+                    self._replace(worker)
+                    return result(GradeStatus.TIMEOUT, detail=f"grading took longer than {timeout:g} s")
+                status, parsed, detail = worker.conn.recv()
+            except (EOFError, OSError):
                 self._replace(worker)
-                return result(GradeStatus.TIMEOUT, detail=f"grading took longer than {timeout:g} s")
-            status, parsed, detail = worker.conn.recv()
-        except (EOFError, OSError):
-            self._replace(worker)
-            if self._closed:
-                return result(GradeStatus.UNAVAILABLE, detail="the grader was closed while grading")
-            code = worker.process.exitcode
-            return result(GradeStatus.WORKER_CRASHED, detail=f"the grading worker died (exit code {code})")
-        self._release(worker)
-        return result(GradeStatus(status), parsed, detail)
+                if self._closed:
+                    return result(GradeStatus.UNAVAILABLE, detail="the grader was closed while grading")
+                if not received and attempt == 0:
+                    continue
+                code = worker.process.exitcode
+                return result(GradeStatus.WORKER_CRASHED, detail=f"the grading worker died (exit code {code})")
+            self._release(worker)
+            return result(GradeStatus(status), parsed, detail)
+        raise AssertionError("unreachable")
 
     async def grade_async(self, answer: str, label: str, *, timeout_s: float | None = None) -> GradeResult:
         """:meth:`grade` in a thread, so the event loop keeps running while the worker grades."""
