@@ -32,7 +32,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
 demo: $(STAMP)
 	$(BIN)/python examples/geo3k_vlm_multi_turn/run_geo3k_vlm_multi_turn.py --backend local --demo
