@@ -15,7 +15,7 @@ async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], eval
     slime passes each of the n copies of a prompt its own ``sampling_params``, but in evaluation
     one dict is shared, so it is copied before anything changes it.
     """
-    ctx = default_runtime().context(args)
+    ctx = await default_runtime().context_async(args)
     return await run_episode(ctx, args, sample, dict(sampling_params))
 
 

@@ -141,6 +141,9 @@ class ProcessingCache:
                 self._items[key] = _load(key)
             return self._items[key]
 
+    def loaded(self, hf_checkpoint: str) -> bool:
+        return str(hf_checkpoint) in self._items
+
     def put(self, hf_checkpoint: str, processing: Processing) -> None:
         with self._lock:
             self._items[str(hf_checkpoint)] = processing

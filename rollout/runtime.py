@@ -8,6 +8,7 @@ steps. ``default_runtime()`` is created lazily; tests and the local trainer may 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -56,6 +57,13 @@ class RolloutRuntime:
             prep_executor=self._prep_executor,
             image_cache=self.image_cache,
         )
+
+    async def context_async(self, args: Any) -> EpisodeContext:
+        """:meth:`context`, with a first-time tokenizer/processor load (seconds) off the event loop."""
+        checkpoint = getattr(args, "hf_checkpoint", None)
+        if checkpoint and not self.processing.loaded(checkpoint):
+            await asyncio.to_thread(self.processing.get, checkpoint)
+        return self.context(args)
 
     def _env_module(self, path: str) -> Any:
         if path not in self._env_modules:
