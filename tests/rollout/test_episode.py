@@ -362,7 +362,7 @@ async def test_sync_env_step_never_runs_on_the_event_loop(qwen25_processing):
     tick.cancel()
     assert all(o.status == Status.COMPLETED for o in outs)
     assert all(event.startswith("step on env-step") for event in module.EVENTS)
-    assert max(stalls) < 0.2
+    assert max(stalls) < 0.25  # one blocking step alone would stall the loop for 0.3 s
 
 
 async def test_reward_comes_from_the_outcome_not_the_text(qwen25_processing):
