@@ -42,6 +42,7 @@ class RolloutConfig:
     request_max_retries: int = 3
     request_retry_backoff_s: float = 1.0
     env_step_threads: int = 64
+    gc_freeze_after_load: bool = True
 
     def __post_init__(self) -> None:
         _check_type("max_turns", self.max_turns, int)
@@ -70,6 +71,7 @@ class RolloutConfig:
         _check_type("request_retry_backoff_s", self.request_retry_backoff_s, (int, float))
         if self.request_retry_backoff_s < 0:
             raise ConfigError(f"request_retry_backoff_s must be >= 0, got {self.request_retry_backoff_s}")
+        _check_type("gc_freeze_after_load", self.gc_freeze_after_load, bool)
         _check_type("env_step_threads", self.env_step_threads, int)
         if self.env_step_threads < 1:
             raise ConfigError(f"env_step_threads must be >= 1, got {self.env_step_threads}")

@@ -9,6 +9,7 @@ steps. ``default_runtime()`` is created lazily; tests and the local trainer may 
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,6 +34,7 @@ class RolloutRuntime:
         # large image from delaying every other episode's prompt.
         self._prep_executor = ThreadPoolExecutor(2, thread_name_prefix="rollout-prep")
         self.image_cache = ProcessedImageCache()
+        self._gc_frozen = False
         self._lock = threading.Lock()
 
     def context(self, args: Any) -> EpisodeContext:
@@ -63,7 +65,16 @@ class RolloutRuntime:
         checkpoint = getattr(args, "hf_checkpoint", None)
         if checkpoint and not self.processing.loaded(checkpoint):
             await asyncio.to_thread(self.processing.get, checkpoint)
-        return self.context(args)
+        ctx = self.context(args)
+        if ctx.config.gc_freeze_after_load and not self._gc_frozen:
+            # By the first episode the process holds what lives for the whole run (tokenizers,
+            # processors, models, the libraries behind them): hundreds of thousands of objects that
+            # every full collection walks. With hundreds of episodes in flight that stalled the
+            # event loop for 200-300 ms (bench/RESULTS.md); freezing them, as SGLang does after
+            # start-up, takes them out of the collector's sight.
+            gc.freeze()
+            self._gc_frozen = True
+        return ctx
 
     def _env_module(self, path: str) -> Any:
         if path not in self._env_modules:

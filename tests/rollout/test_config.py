@@ -84,3 +84,26 @@ def test_missing_or_invalid_yaml(tmp_path):
     bad.write_text("max_turns: [\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         RolloutConfig.from_yaml(bad)
+
+
+async def test_the_first_episode_freezes_long_lived_objects_once(qwen25_processing):
+    import gc
+
+    from rollout.runtime import RolloutRuntime
+
+    from .conftest import ScriptedEngine, make_args
+
+    runtime = RolloutRuntime()
+    args = make_args(ScriptedEngine(qwen25_processing.tokenizer, []))
+    gc.unfreeze()
+    await runtime.context_async(args)
+    frozen = gc.get_freeze_count()
+    assert frozen > 10_000  # the tokenizer, processor and libraries loaded so far
+    await runtime.context_async(args)
+    assert gc.get_freeze_count() == frozen  # once per runtime
+    runtime.shutdown()
+    off = RolloutRuntime()
+    gc.unfreeze()
+    await off.context_async(make_args(args.rollout_engine, gc_freeze_after_load=False))
+    assert gc.get_freeze_count() == 0
+    off.shutdown()
