@@ -144,9 +144,6 @@ class ProcessingCache:
     def loaded(self, hf_checkpoint: str) -> bool:
         return str(hf_checkpoint) in self._items
 
-    def put(self, hf_checkpoint: str, processing: Processing) -> None:
-        with self._lock:
-            self._items[str(hf_checkpoint)] = processing
 
 
 def _load(hf_checkpoint: str) -> Processing:
