@@ -27,11 +27,13 @@ import asyncio
 import difflib
 import inspect
 from collections.abc import Iterable
+from concurrent.futures import Executor
 from typing import Any
 
 __all__ = [
     "BaseInteractionEnv",
     "EnvConfigError",
+    "call_off_loop",
     "call_reset",
     "call_step",
     "did_you_mean",
@@ -111,20 +113,22 @@ async def call_step(env: Any, response_text: str) -> tuple[Observation, bool, di
     """Run ``env.step(response_text)`` without blocking the event loop.
 
     An ``async def`` step is awaited on the loop; a sync step runs in a worker thread
-    (``asyncio.to_thread``), because envs may grade answers or call services for seconds.
+    (the loop's default executor), because envs may grade answers or call services for seconds.
     """
-    return await _call_maybe_async(env.step, response_text)
+    return await call_off_loop(env.step, response_text)
 
 
 async def call_reset(env: Any) -> tuple[Observation, dict[str, Any]]:
     """Run ``env.reset()`` like :func:`call_step`: awaited if async, in a thread if sync."""
-    return await _call_maybe_async(env.reset)
+    return await call_off_loop(env.reset)
 
 
-async def _call_maybe_async(method: Any, *args: Any) -> Any:
+async def call_off_loop(method: Any, *args: Any, executor: Executor | None = None) -> Any:
+    """Await ``method(*args)`` if it is ``async def``; otherwise run it in ``executor`` (the loop's
+    default executor when None), never on the event loop thread."""
     if inspect.iscoroutinefunction(method):
         return await method(*args)
-    result = await asyncio.to_thread(method, *args)
+    result = await asyncio.get_running_loop().run_in_executor(executor, lambda: method(*args))
     # A sync wrapper may hand back a coroutine (e.g. a decorated async method).
     if inspect.isawaitable(result):
         result = await result

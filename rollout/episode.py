@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from envs.base import call_off_loop
 from envs.images import load_image
 from rollout.config import RolloutConfig
 from rollout.engines.base import FINISH_ABORT, FINISH_LENGTH, Engine, EngineError
@@ -104,7 +105,7 @@ async def run_episode(ctx: EpisodeContext, args: Any, sample: Any, sampling_para
     try:
         state = await loop.run_in_executor(ctx.prep_executor, _encode_prompt, ctx, sample)
         try:
-            env = await _in_env_thread(ctx, _build_and_reset, ctx, sample, args)
+            env = await _call_env(ctx, _build_and_reset, ctx, sample, args)
             if inspect.iscoroutinefunction(env.reset):
                 await env.reset()
         except Exception as exc:  # a bad row (say, no label) is a failed sample, not a crashed batch
@@ -328,19 +329,9 @@ def _build_and_reset(ctx: EpisodeContext, sample: Any, args: Any) -> Any:
     return env
 
 
-async def _in_env_thread(ctx: EpisodeContext, function, *args, **kwargs):
-    loop = asyncio.get_running_loop()
-    result = await loop.run_in_executor(ctx.env_executor, lambda: function(*args, **kwargs))
-    if inspect.isawaitable(result):
-        result = await result
-    return result
-
-
 async def _call_env(ctx: EpisodeContext, method, *args):
     """Await an async env method on the loop; run a sync one in the env threads (never on the loop)."""
-    if inspect.iscoroutinefunction(method):
-        return await method(*args)
-    return await _in_env_thread(ctx, method, *args)
+    return await call_off_loop(method, *args, executor=ctx.env_executor)
 
 
 def outcome_of(env: Any, turns: list[TurnRecord]) -> dict[str, Any]:
