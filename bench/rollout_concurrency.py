@@ -654,6 +654,42 @@ class StallTicker:
         return [over * 1e3 for at, over in self.samples if at - over - self.interval_s >= after]
 
 
+class GcWatch:
+    """Times every garbage collection (``gc.callbacks``), so stalls can be matched to collections."""
+
+    def __init__(self) -> None:
+        import gc
+
+        self._gc = gc
+        self.pauses: list[tuple[float, float, int, int]] = []  # (start, seconds, generation, collected)
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.monotonic()
+        else:
+            now = time.monotonic()
+            self.pauses.append((self._started, now - self._started, info["generation"], info["collected"]))
+
+    def close(self) -> None:
+        if self._callback in self._gc.callbacks:
+            self._gc.callbacks.remove(self._callback)
+
+    def report(self, stall_samples: list[tuple[float, float]], threshold_ms: float = 20.0) -> dict[str, Any]:
+        by_gen: dict[str, dict[str, float]] = {}
+        for gen in (0, 1, 2):
+            times = [p[1] for p in self.pauses if p[2] == gen]
+            by_gen[str(gen)] = {"count": len(times), "max_ms": max(times, default=0.0) * 1e3,
+                                "total_ms": sum(times) * 1e3}  # fmt: skip
+        # A stall "contains" a collection that started inside the window the ticker was blocked.
+        long_stalls = [(at - over, at) for at, over in stall_samples if over * 1e3 > threshold_ms]
+        explained = sum(1 for lo, hi in long_stalls if any(lo <= p[0] <= hi and p[1] * 1e3 > threshold_ms / 2
+                                                             for p in self.pauses))  # fmt: skip
+        return {"gc_by_generation": by_gen, "stalls_over_threshold": len(long_stalls),
+                "stalls_with_a_long_collection": explained}  # fmt: skip
+
+
 async def run_batch(
     samples: list[Any], args: argparse.Namespace, group_size: int
 ) -> tuple[list[Any], dict[int, float]]:
@@ -765,12 +801,14 @@ async def run_scenario(
         loop_cpu_before = thread_cpu_s()
         rss_before = vm_rss_mb()
         probes = Probes()
+        gc_watch = GcWatch()
         started = time.monotonic()
         try:
             outs, done_at = await run_batch(samples, args, settings.samples)
         finally:
             wall = time.monotonic() - started
             probes.close()
+            gc_watch.close()
         loop_cpu = thread_cpu_s() - loop_cpu_before
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         rss_after = vm_rss_mb()
@@ -800,6 +838,7 @@ async def run_scenario(
         "loop_stall_ms": percentiles(ticker.stalls_ms()),
         "loop_stall_ms_after_all_started": percentiles(ticker.stalls_ms(after=steady_after)),
         "stalls_over_20ms": sum(1 for s in ticker.stalls_ms() if s > 20),
+        **gc_watch.report(ticker.samples),
         "load_average_before_after": [load_before, load_average()],
         **check_against_plan(workload, outs),
         **analysis,
@@ -866,6 +905,13 @@ def print_report(settings: Settings, results: list[dict[str, Any]], config: dict
             print(
                 f"ideal including one grading timeout per hostile episode: {r['ideal_with_grading_timeouts_s']:.2f} s"
             )
+    for r in results:
+        gcs = r["gc_by_generation"]
+        print(
+            f"\n{r['scenario']}: collections (count, max ms) gen0 {gcs['0']['count']}, {gcs['0']['max_ms']:.1f}; "
+            f"gen1 {gcs['1']['count']}, {gcs['1']['max_ms']:.1f}; gen2 {gcs['2']['count']}, {gcs['2']['max_ms']:.1f}; "
+            f"{r['stalls_with_a_long_collection']} of {r['stalls_over_threshold']} stalls over 20 ms contain one"
+        )
     for r in results:
         print(f"\n{r['scenario']}: statuses {r['statuses']}; server errors {r['server_errors'] or 'none'}")
         if r["episodes_matching_plan"] != r["episodes"] or r["server_errors"]:

@@ -91,8 +91,7 @@ class _State:
     request_ids: list[int]
     images: list[Any] = field(default_factory=list)  # PIL, token order
     payloads: list[Any] = field(default_factory=list)  # what the engine is sent for each image
-    pixel_values: list[torch.Tensor] = field(default_factory=list)
-    grids: list[torch.Tensor] = field(default_factory=list)
+    entries: list[ProcessedImage] = field(default_factory=list)  # their tensors, possibly still on the way
     turns: list[TurnRecord] = field(default_factory=list)
 
 
@@ -121,6 +120,12 @@ async def run_episode(ctx: EpisodeContext, args: Any, sample: Any, sampling_para
                 reason += f" (env.close failed: {exc!r})"
     if state is None:
         state = _State(trajectory=Trajectory(prompt_ids=[]), request_ids=[])
+    try:
+        await asyncio.gather(*(asyncio.wrap_future(entry.tensors) for entry in state.entries))
+    except Exception as exc:
+        # Without its pixel_values a trajectory holding image pads cannot go through a forward pass.
+        status, reason = "FAILED", f"image processing failed: {type(exc).__name__}: {exc}"
+        state = _State(trajectory=Trajectory(prompt_ids=[]), request_ids=[])
     train_inputs = await loop.run_in_executor(ctx.prep_executor, _train_inputs, state)
     _finish(ctx, args, sample, state, env, status_enum, status, reason, train_inputs)
     return sample
@@ -142,19 +147,22 @@ def _encode_prompt(ctx: EpisodeContext, sample: Any) -> _State:
     try:
         if images:
             _add_images(ctx, state, images)
-            ids = processing.expand_image_pads(ids, processing.pads_per_image(torch.cat(state.grids)))
+            ids = processing.expand_image_pads(ids, [entry.pad_count for entry in state.entries])
         elif processing.count_image_pads(ids):
             raise ImagePadMismatch("the prompt has image placeholders but the sample has no images")
     except ImagePadMismatch as exc:
         raise _EpisodeEnded("FAILED", f"prompt: {exc}") from None
+    except Exception as exc:  # e.g. an aspect ratio the processor refuses
+        raise _EpisodeEnded("FAILED", f"prompt image could not be processed: {type(exc).__name__}: {exc}") from None
     state.trajectory.prompt_ids = ids
     state.request_ids = processing.compress_image_pads(ids) if ctx.config.image_token_mode == "single_pad" else list(ids)
     return state
 
 
 def _add_images(ctx: EpisodeContext, state: _State, images: list[Any]) -> None:
-    """Process each image (once per distinct image, see ProcessedImageCache) and keep what the
-    engine is sent for it (e.g. a PNG data URI for SGLang), reused by every later turn's request."""
+    """Look up or start processing each image (once per distinct image, see ProcessedImageCache)
+    and keep what the engine is sent for it (e.g. a PNG data URI for SGLang), reused by every later
+    turn's request."""
     _add_entries(ctx, state, [ctx.image_cache.get(ctx.processing, image) for image in images])
 
 
@@ -162,8 +170,7 @@ def _add_entries(ctx: EpisodeContext, state: _State, entries: list[ProcessedImag
     for entry in entries:
         state.images.append(entry.image)
         state.payloads.append(ctx.image_cache.payload(entry, ctx.engine))
-        state.pixel_values.append(entry.pixel_values)
-        state.grids.append(entry.image_grid_thw)
+        state.entries.append(entry)
 
 
 def _budget_left(args: Any, sampling_params: dict[str, Any], trajectory: Trajectory) -> int | None:
@@ -293,8 +300,7 @@ def _encode_observation(ctx: EpisodeContext, message: dict[str, Any], state: _St
         ctx.image_cache.payload(entry, ctx.engine)  # encode here, off the event loop
     expanded = ids
     if entries:
-        grids = torch.cat([entry.image_grid_thw for entry in entries])
-        expanded = processing.expand_image_pads(ids, processing.pads_per_image(grids))
+        expanded = processing.expand_image_pads(ids, [entry.pad_count for entry in entries])
     elif processing.count_image_pads(ids):
         raise ImagePadMismatch("the observation text holds image placeholders but no images")
     request_tail = ids if ctx.config.image_token_mode == "single_pad" else expanded
@@ -351,11 +357,15 @@ def outcome_of(env: Any, turns: list[TurnRecord]) -> dict[str, Any]:
 
 def _train_inputs(state: _State) -> dict[str, torch.Tensor] | None:
     """``multimodal_train_inputs``: every image's tensors in token order (one image: shared, uncopied)."""
-    if not state.pixel_values:
+    tensors = [entry.tensors.result() for entry in state.entries]
+    if not tensors:
         return None
-    if len(state.pixel_values) == 1:
-        return {"pixel_values": state.pixel_values[0], "image_grid_thw": state.grids[0]}
-    return {"pixel_values": torch.cat(state.pixel_values), "image_grid_thw": torch.cat(state.grids)}
+    if len(tensors) == 1:
+        return {"pixel_values": tensors[0].pixel_values, "image_grid_thw": tensors[0].image_grid_thw}
+    return {
+        "pixel_values": torch.cat([t.pixel_values for t in tensors]),
+        "image_grid_thw": torch.cat([t.image_grid_thw for t in tensors]),
+    }
 
 
 def _finish(ctx, args, sample, state: _State, env, status_enum, status: str, reason: str, train_inputs) -> None:

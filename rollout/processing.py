@@ -75,7 +75,9 @@ class Processing:
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
     def pads_per_image(self, image_grid_thw: torch.Tensor) -> list[int]:
-        return [int(n) for n in (image_grid_thw.prod(dim=-1) // (self.merge_size**2)).tolist()]
+        # Plain ints: torch ops on a (n, 3) tensor cost more than the arithmetic.
+        per_pad = self.merge_size**2
+        return [t * h * w // per_pad for t, h, w in image_grid_thw.tolist()]
 
     def expand_image_pads(self, ids: list[int], pad_counts: list[int]) -> list[int]:
         """Give the i-th ``<|vision_start|> pad-run <|vision_end|>`` exactly ``pad_counts[i]`` pads.

@@ -44,7 +44,9 @@ class RolloutRuntime:
             raise ValueError("args.hf_checkpoint must name the checkpoint (or preset) whose tokenizer to use")
         processing = self.processing.get(checkpoint)
         with self._lock:
-            encoder = self._encoders.setdefault(id(processing), ObservationEncoder(processing))
+            encoder = self._encoders.get(id(processing))
+            if encoder is None:
+                encoder = self._encoders[id(processing)] = ObservationEncoder(processing)
             env_module = self._env_module(config.rollout_interaction_env_path)
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(config.env_step_threads, thread_name_prefix="env-step")
@@ -98,6 +100,7 @@ class RolloutRuntime:
 
     def shutdown(self) -> None:
         self._prep_executor.shutdown(wait=False, cancel_futures=True)
+        self.image_cache.shutdown()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None

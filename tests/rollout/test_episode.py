@@ -379,8 +379,8 @@ async def test_reward_comes_from_the_outcome_not_the_text(qwen25_processing):
 
 
 async def test_a_groups_copies_of_an_image_are_processed_and_encoded_once(qwen25_processing):
-    """slime deep-copies each prompt n times: the image is processed once, off the event loop, and
-    sent as one payload; the samples share its tensors."""
+    """slime deep-copies each prompt n times: the image is processed once, off the event loop (on
+    the image cache's own thread), and sent as one payload; the samples share its tensors."""
     import copy
     import threading
 
@@ -406,7 +406,7 @@ async def test_a_groups_copies_of_an_image_are_processed_and_encoded_once(qwen25
     finally:
         qwen25_processing.process_images = original
     assert all(o.status == Status.COMPLETED for o in outs)
-    assert len(threads) == 1 and threads[0].startswith("rollout-prep")
+    assert len(threads) == 1 and threads[0].startswith("rollout-pixels")
     assert encoded == [(140, 140)]
     assert all(r["images"] == ["uri"] for r in engine.requests)
     first = outs[0].multimodal_train_inputs["pixel_values"]
