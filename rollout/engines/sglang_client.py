@@ -14,6 +14,7 @@ import json
 from typing import Any
 
 import aiohttp
+import orjson
 from PIL import Image
 
 from envs.images import to_data_uri
@@ -22,6 +23,26 @@ from rollout.engines.base import FINISH_ABORT, EngineError, GenerateResult, Imag
 
 def _data_uri(image: Image.Image) -> str:
     return to_data_uri(image)
+
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def _dumps(payload: dict[str, Any]) -> bytes:
+    # orjson: a request carries thousands of ids and a data URI, and every one is serialized on the
+    # event loop (about 15x faster than json here).
+    try:
+        return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    except TypeError:  # a type only the standard encoder's rules accept (or reject with its message)
+        return json.dumps(payload).encode()
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        # The standard parser also accepts NaN / Infinity, which some servers emit for log-probs.
+        return json.loads(data)
 
 
 class SGLangClient:
@@ -91,14 +112,16 @@ class SGLangClient:
         return parse_generate_response(body)
 
     async def _post_with_retries(self, payload: dict[str, Any]) -> Any:
+        body = _dumps(payload)
         last_error = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
             try:
                 timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-                async with self._session().post(self.url, json=payload, timeout=timeout) as response:
-                    text = await response.text()
+                async with self._session().post(self.url, data=body, headers=_JSON_HEADERS, timeout=timeout) as response:
+                    data = await response.read()
+                    text = data.decode("utf-8", errors="replace") if response.status >= 400 else ""
                     if response.status >= 500:
                         last_error = f"HTTP {response.status} from {self.url}: {text[:300]}"
                         continue
@@ -109,10 +132,10 @@ class SGLangClient:
                             status=response.status,
                         )
                     try:
-                        return json.loads(text)
-                    except json.JSONDecodeError as exc:
+                        return _loads(data)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                         raise EngineError(
-                            f"{self.url} answered with invalid JSON ({exc}): {text[:200]!r}", retriable=False
+                            f"{self.url} answered with invalid JSON ({exc}): {data[:200]!r}", retriable=False
                         ) from None
             except asyncio.TimeoutError:
                 last_error = f"no answer from {self.url} within {self.timeout_s} s"
@@ -127,14 +150,18 @@ def parse_generate_response(body: Any) -> GenerateResult:
     """SGLang's response JSON -> GenerateResult; a body that breaks the contract is an EngineError."""
     if not isinstance(body, dict) or not isinstance(body.get("meta_info"), dict):
         raise EngineError(f"response has no meta_info object: {str(body)[:200]}", retriable=False)
-    meta = body["meta_info"]
+    # Kept for slime's append_response_tokens (finish reason, weight version, cache and routing
+    # data), without the per-token list: tokens and log-probs are taken out of it below, and its
+    # hundreds of small lists per turn would otherwise live as long as the episode, each one walked
+    # by every full garbage collection.
+    meta = {key: value for key, value in body["meta_info"].items() if key != "output_token_logprobs"}
     finish = meta.get("finish_reason") or {}
     if isinstance(finish, str):
         finish = {"type": finish}
     reason = finish.get("type")
     if reason not in ("stop", "length", "abort"):
         raise EngineError(f"unknown finish_reason {finish!r}", retriable=False)
-    entries = meta.get("output_token_logprobs")
+    entries = body["meta_info"].get("output_token_logprobs")
     if entries is None:
         if reason != FINISH_ABORT:
             raise EngineError("response has no output_token_logprobs (was return_logprob sent?)", retriable=False)

@@ -91,6 +91,48 @@ async def test_happy_path_request_shape(serve):
     assert body["image_data"][1] == "data:image/png;base64,AAAA"
 
 
+def test_kept_meta_info_drops_only_the_per_token_list():
+    """slime's append_response_tokens reads finish reason, weight version and cache data from
+    meta_info; the per-token list is already in token_ids / log_probs and is not kept."""
+    from rollout.engines.sglang_client import parse_generate_response
+
+    meta = {
+        "finish_reason": {"type": "stop", "matched": 151645},
+        "output_token_logprobs": [[-0.25, 7, None], [-1.5, 8, None]],
+        "weight_version": "3", "cached_tokens": 12, "prompt_tokens": 40, "completion_tokens": 2,
+    }  # fmt: skip
+    result = parse_generate_response({"text": "ab", "meta_info": meta})
+    assert result.token_ids == [7, 8] and result.log_probs == [-0.25, -1.5]
+    assert result.meta_info == {k: v for k, v in meta.items() if k != "output_token_logprobs"}
+    assert "output_token_logprobs" in meta  # the caller's body is not modified
+
+
+async def test_non_standard_json_numbers_are_still_read():
+    """A server that writes -Infinity (Python's json does by default) is read, not rejected."""
+    seen = []
+
+    async def handle(request):
+        seen.append(await request.read())
+        body = '{"text": "t", "meta_info": {"finish_reason": {"type": "stop"}, "output_token_logprobs": [[-Infinity, 5, null]]}}'
+        return web.Response(text=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/generate", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = site._server.sockets[0].getsockname()[1]
+        client = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=5, max_retries=0)
+        result = await client.generate([1, 2], [], {"temperature": 1.0})
+        await client.close()
+    finally:
+        await runner.cleanup()
+    assert result.token_ids == [5] and result.log_probs == [float("-inf")]
+    assert json.loads(seen[0]) == {"input_ids": [1, 2], "sampling_params": {"temperature": 1.0}, "return_logprob": True}
+
+
 async def test_5xx_is_retried_then_succeeds(serve):
     fake, port = await serve([("status", 503), ("status", 502), ("ok", [5])])
     client = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=5, max_retries=2, backoff_s=0.01)
