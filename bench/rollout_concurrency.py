@@ -676,7 +676,9 @@ class GcWatch:
         if self._callback in self._gc.callbacks:
             self._gc.callbacks.remove(self._callback)
 
-    def report(self, stall_samples: list[tuple[float, float]], threshold_ms: float = 20.0) -> dict[str, Any]:
+    def report(
+        self, stall_samples: list[tuple[float, float]], started: float, threshold_ms: float = 20.0
+    ) -> dict[str, Any]:
         by_gen: dict[str, dict[str, float]] = {}
         for gen in (0, 1, 2):
             times = [p[1] for p in self.pauses if p[2] == gen]
@@ -686,8 +688,19 @@ class GcWatch:
         long_stalls = [(at - over, at) for at, over in stall_samples if over * 1e3 > threshold_ms]
         explained = sum(1 for lo, hi in long_stalls if any(lo <= p[0] <= hi and p[1] * 1e3 > threshold_ms / 2
                                                              for p in self.pauses))  # fmt: skip
+        worst = sorted(stall_samples, key=lambda sample: -sample[1])[:5]
+        worst_stalls = [
+            {
+                "at_s": round(at - over - started, 3),
+                "ms": round(over * 1e3, 1),
+                "collections": [
+                    f"gen{p[2]} {p[1] * 1e3:.1f} ms" for p in self.pauses if at - over - 0.005 <= p[0] <= at
+                ],
+            }
+            for at, over in worst
+        ]
         return {"gc_by_generation": by_gen, "stalls_over_threshold": len(long_stalls),
-                "stalls_with_a_long_collection": explained}  # fmt: skip
+                "stalls_with_a_long_collection": explained, "worst_stalls": worst_stalls}  # fmt: skip
 
 
 async def run_batch(
@@ -838,7 +851,7 @@ async def run_scenario(
         "loop_stall_ms": percentiles(ticker.stalls_ms()),
         "loop_stall_ms_after_all_started": percentiles(ticker.stalls_ms(after=steady_after)),
         "stalls_over_20ms": sum(1 for s in ticker.stalls_ms() if s > 20),
-        **gc_watch.report(ticker.samples),
+        **gc_watch.report(ticker.samples, started),
         "load_average_before_after": [load_before, load_average()],
         **check_against_plan(workload, outs),
         **analysis,
@@ -912,6 +925,8 @@ def print_report(settings: Settings, results: list[dict[str, Any]], config: dict
             f"gen1 {gcs['1']['count']}, {gcs['1']['max_ms']:.1f}; gen2 {gcs['2']['count']}, {gcs['2']['max_ms']:.1f}; "
             f"{r['stalls_with_a_long_collection']} of {r['stalls_over_threshold']} stalls over 20 ms contain one"
         )
+        print(f"{r['scenario']}: worst stalls (s after the start, ms, collections inside):", "; ".join(
+            f"{w['at_s']:.2f} s {w['ms']:.0f} ms [{', '.join(w['collections']) or 'none'}]" for w in r["worst_stalls"]))  # fmt: skip
     for r in results:
         print(f"\n{r['scenario']}: statuses {r['statuses']}; server errors {r['server_errors'] or 'none'}")
         if r["episodes_matching_plan"] != r["episodes"] or r["server_errors"]:
