@@ -169,6 +169,7 @@ def step_inputs(tool: str = "calc_score", argument: str = "answer") -> list[tupl
         ),
         ("final boxed answer", "So the answer is 3.\nAnswer: \\boxed{3}"),
         ("hostile math", format_call(tool, {argument: "\\boxed{10^{10^{10^{10}}}}"})),
+        ("slow math", format_call(tool, {argument: "\\boxed{9!!!!!}"})),
     ]
 
 

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import math
 import multiprocessing
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -76,6 +78,9 @@ class GradeStatus(str, Enum):
     WORKER_CRASHED = "not graded: worker crashed"
     #: The grader could not take the answer: closed, or no worker became free in wait_timeout_s.
     UNAVAILABLE = "not graded: grader unavailable"
+    #: A numeric power tower whose value has more digits than MAX_RESULT_DIGITS (sympy would try
+    #: to build the number); refused before it reaches a worker.
+    TOO_LARGE = "not graded: too large to evaluate"
 
     @property
     def graded(self) -> bool:
@@ -160,6 +165,99 @@ def _command_argument(text: str, pos: int) -> str | None:
 
 _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
+#: Largest number of decimal digits a numeric power in an answer may have; sympy evaluates integer
+#: powers exactly, so ``10^{10^{10}}`` would hold a worker (and a core) until the timeout.
+MAX_RESULT_DIGITS = 100_000
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_BASE = re.compile(r"(\d+(?:\.\d+)?)[\s)}]*$")
+_CLOSING = {"{": "}", "(": ")"}
+
+
+def power_digits(answer: str) -> float:
+    """The most decimal digits any numeric power ``a^b`` in ``answer`` evaluates to (towers such as
+    ``10^{10^{10}}`` included; ``inf`` when the estimate overflows), 0 when there is none. Powers
+    with a non-numeric base or exponent are not estimated: sympy keeps them symbolic. Linear in
+    the length of the answer for all practical purposes (each ``^`` is looked at once per level)."""
+    worst = 0.0
+    for match in re.finditer(r"\^", answer):
+        # The base: a number, possibly wrapped ("{10}^", "(10)^"); math-verify reads both as 10.
+        number = _BASE.search(answer, max(0, match.start() - 64), match.start())
+        if number is None:
+            continue
+        digits = _tower_log10(number.group(1), answer[match.end() :])
+        if digits is not None:
+            worst = max(worst, digits)
+    return worst
+
+
+def _tower_log10(base: str, rest: str, depth: int = 0) -> float | None:
+    """log10 of ``base ^ <first argument of rest>`` when both are numeric (nested towers too)."""
+    exponent, _ = _power_argument(rest)
+    if exponent is None or depth > 32:
+        return None
+    exponent_log10 = _numeric_log10(exponent, depth + 1)
+    base_log10 = _numeric_log10(base, depth + 1)
+    if exponent_log10 is None or base_log10 is None:
+        return None
+    if base_log10 <= 0:
+        return 0.0  # 0 or 1 to any power, or a fraction: small
+    if exponent_log10 > 300:
+        return math.inf
+    return 10**exponent_log10 * base_log10
+
+
+def _numeric_log10(text: str, depth: int) -> float | None:
+    """log10 of ``text`` if it is a number or a numeric power tower (any part possibly wrapped in
+    braces or parentheses), else None; 0.0 for numbers of at most 1."""
+    text = text.strip()
+    if depth > 32:
+        return None
+    if text[:1] in _CLOSING:
+        inner, rest = _power_argument(text)
+        if inner is None:
+            return None
+        if not rest.strip():
+            return _numeric_log10(inner, depth + 1)
+        base = inner
+    else:
+        number = _NUMBER.match(text)
+        if number is None:
+            return None
+        base, rest = number.group(), text[number.end() :]
+    rest = rest.lstrip()
+    if not rest:
+        if _NUMBER.fullmatch(base.strip()) is None:
+            return _numeric_log10(base, depth + 1)
+        value = float(base)
+        return math.log10(value) if value > 1 else 0.0
+    if not rest.startswith("^"):
+        return None
+    argument, tail = _power_argument(rest[1:])
+    if argument is None or tail.strip():
+        return None
+    return _tower_log10(base, rest[1:], depth + 1)
+
+
+def _power_argument(text: str) -> tuple[str | None, str]:
+    """The argument of ``^`` at the start of ``text`` (a brace group or one token) and what follows."""
+    text = text.lstrip()
+    if not text:
+        return None, ""
+    opening = text[0]
+    if opening not in _CLOSING:
+        number = _NUMBER.match(text)
+        end = number.end() if number else 1
+        return text[:end], text[end:]
+    closing, depth = _CLOSING[opening], 0
+    for i, char in enumerate(text[:MAX_BOXED_CHARS]):
+        if char == opening:
+            depth += 1
+        elif char == closing:
+            depth -= 1
+            if depth == 0:
+                return text[1:i], text[i + 1 :]
+    return None, ""
+
 
 def prepare_answer(text: str) -> str:
     """The string actually graded: the last ``\\boxed{}`` content if any, else the text itself,
@@ -181,10 +279,15 @@ def prepare_answer(text: str) -> str:
 # Worker process side
 
 
-def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
+def _worker_main(conn: Connection, memory_limit_mb: int | None, niceness: int = 0) -> None:
     # Ctrl-C reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent()
+    if niceness:
+        # A hostile answer burns a core until its timeout; at a lower priority it takes that core
+        # from the rollout's event loop only when the loop has nothing to do.
+        with contextlib.suppress(OSError, AttributeError):
+            os.nice(niceness)
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     from math_verify import parse, verify
 
@@ -291,11 +394,11 @@ class _WorkerGone(Exception):
 
 
 class _Worker:
-    def __init__(self, ctx: Any, memory_limit_mb: int | None) -> None:
+    def __init__(self, ctx: Any, memory_limit_mb: int | None, niceness: int = 0) -> None:
         self.conn, child_conn = ctx.Pipe(duplex=True)
         self.process = ctx.Process(
             target=_worker_main,
-            args=(child_conn, memory_limit_mb),
+            args=(child_conn, memory_limit_mb, niceness),
             name="envs-grading-worker",
             daemon=True,
         )
@@ -341,6 +444,12 @@ class Grader:
     Workers start on first use (or :meth:`start`); :meth:`close` (also run at interpreter exit)
     kills them. ``timeout_s`` is the hard limit on one answer's grading; ``wait_timeout_s`` bounds the
     wait for a free worker; ``memory_limit_mb`` caps each worker's extra address space.
+
+    ``spare_workers`` more processes are kept started and idle: a worker killed after a timeout is
+    replaced by a spare at once, instead of by a new process that spends the better part of a
+    second importing sympy while answers queue. ``niceness`` lowers the workers' CPU priority
+    (``os.nice``), so that answers that burn a core until their timeout slow the caller's threads
+    as little as possible.
     """
 
     def __init__(
@@ -352,9 +461,15 @@ class Grader:
         start_method: str = "spawn",
         memory_limit_mb: int | None = 2048,
         max_answer_chars: int = 1000,
+        spare_workers: int = 1,
+        niceness: int = 10,
     ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"Grader workers must be an integer >= 1, got {workers!r}")
+        if not isinstance(spare_workers, int) or isinstance(spare_workers, bool) or spare_workers < 0:
+            raise ValueError(f"Grader spare_workers must be an integer >= 0, got {spare_workers!r}")
+        if not isinstance(niceness, int) or isinstance(niceness, bool) or not 0 <= niceness <= 19:
+            raise ValueError(f"Grader niceness must be an integer in [0, 19], got {niceness!r}")
         _check_timeout("timeout_s", timeout_s)
         _check_timeout("wait_timeout_s", wait_timeout_s)
         if start_method not in ("spawn", "forkserver"):
@@ -368,10 +483,13 @@ class Grader:
         self.start_method = start_method
         self.memory_limit_mb = memory_limit_mb
         self.max_answer_chars = max_answer_chars
+        self.spare_workers = spare_workers
+        self.niceness = niceness
         self._ctx = multiprocessing.get_context(start_method)
         self._lock = threading.Lock()
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: set[_Worker] = set()
+        self._spares: list[_Worker] = []
         self._started = False
         self._closed = False
 
@@ -395,7 +513,7 @@ class Grader:
         self.start()
         deadline = time.monotonic() + timeout_s
         with self._lock:
-            workers = list(self._all)
+            workers = list(self._all) + self._spares
         for worker in workers:
             try:
                 ready = worker.wait_ready(deadline - time.monotonic())
@@ -410,8 +528,9 @@ class Grader:
             if self._closed:
                 return
             self._closed = True
-            workers = list(self._all)
+            workers = list(self._all) + self._spares
             self._all.clear()
+            self._spares = []
         atexit.unregister(self.close)
         for worker in workers:
             worker.kill()
@@ -430,6 +549,11 @@ class Grader:
         """Process ids of the current workers (for monitoring and tests)."""
         with self._lock:
             return [w.process.pid for w in self._all if w.process.pid is not None]
+
+    def spare_pids(self) -> list[int]:
+        """Process ids of the started spare workers, next to take over first."""
+        with self._lock:
+            return [w.process.pid for w in self._spares if w.process.pid is not None]
 
     # -- grading --------------------------------------------------------------------------------
 
@@ -456,6 +580,13 @@ class Grader:
             )
         if not gold:
             return result(GradeStatus.PARSE_ERROR, detail="the reference answer is empty")
+        digits = power_digits(prepared)
+        if digits > MAX_RESULT_DIGITS:
+            shown = "more than 10^300" if math.isinf(digits) else f"about {digits:.3g}"
+            return result(
+                GradeStatus.TOO_LARGE,
+                detail=f"the answer is a number with {shown} digits (at most {MAX_RESULT_DIGITS:,} are evaluated)",
+            )
         try:
             self.start()
         except RuntimeError:
@@ -501,10 +632,15 @@ class Grader:
 
     # -- pool internals -------------------------------------------------------------------------
 
+    def _new_worker(self) -> _Worker:
+        return _Worker(self._ctx, self.memory_limit_mb, self.niceness)
+
     def _spawn_locked(self) -> None:
-        worker = _Worker(self._ctx, self.memory_limit_mb)
+        worker = self._spares.pop(0) if self._spares else self._new_worker()
         self._all.add(worker)
         self._idle.put(worker)
+        while len(self._spares) < self.spare_workers:
+            self._spares.append(self._new_worker())
 
     def _acquire(self, deadline: float) -> _Worker | None:
         # Consecutive workers found dead while starting; a few in a row means they cannot start.

@@ -33,8 +33,10 @@ def test_geo3k_passes(grader: Grader) -> None:
         "done=True",
     )
     timings = {t.case: t.seconds for t in report.timings}
-    assert 1.0 <= timings["hostile math"] < 4.0
-    assert max(s for case, s in timings.items() if case != "hostile math") < 4.0
+    # The tower is refused before grading; the factorial tower runs into the 1 s grading timeout.
+    assert timings["hostile math"] < 1.0
+    assert 1.0 <= timings["slow math"] < 4.0
+    assert max(s for case, s in timings.items() if case != "slow math") < 4.0
     assert report.render().endswith("PASS: 0 error(s), 0 warning(s)")
 
 
@@ -60,6 +62,7 @@ def test_battery_covers_the_hostile_inputs() -> None:
         "nested arrays",
         "final boxed answer",
         "hostile math",
+        "slow math",
     ]
 
 

@@ -306,7 +306,7 @@ def test_step_after_the_end_is_a_programming_error(make_env) -> None:
 def test_hostile_answer_step_stays_within_the_grading_timeout(make_env) -> None:
     env = make_env(grading_timeout_s=TIMEOUT_S)
     start = time.monotonic()
-    obs, done, info = env.step(call("\\boxed{10^{10^{10^{10}}}}"))
+    obs, done, info = env.step(call("\\boxed{9!!!!!}"))
     elapsed = time.monotonic() - start
     assert TIMEOUT_S <= elapsed < TIMEOUT_S + MARGIN_S
     assert (done, info["grade_status"], info["score"], info["error"]) == (
@@ -316,10 +316,22 @@ def test_hostile_answer_step_stays_within_the_grading_timeout(make_env) -> None:
         "grading took longer than 1 s",
     )
     assert obs["obs_str"] == (
-        'calc_score could not grade your answer "\\boxed{10^{10^{10^{10}}}}" (grading took longer than 1 s). '
+        'calc_score could not grade your answer "\\boxed{9!!!!!}" (grading took longer than 1 s). '
         "Give the answer as a single number or expression, such as 7/2, 2\\sqrt{3} or 60. You have 2 turns left."
     )
     assert env.outcome.grade_statuses == ["not graded: timeout"]
+
+
+def test_a_power_tower_is_refused_at_once_with_feedback(make_env) -> None:
+    env = make_env(grading_timeout_s=TIMEOUT_S)
+    obs, done, info = env.step(call("\\boxed{10^{10^{10^{10}}}}"))
+    assert (done, info["grade_status"], info["score"]) == (False, "not graded: too large to evaluate", 0.0)
+    assert obs["obs_str"] == (
+        'calc_score could not grade your answer "\\boxed{10^{10^{10^{10}}}}" (the answer is a number with more '
+        "than 10^300 digits (at most 100,000 are evaluated)). Give the answer as a single number or expression, "
+        "such as 7/2, 2\\sqrt{3} or 60. You have 2 turns left."
+    )
+    assert env.outcome.grade_statuses == ["not graded: too large to evaluate"]
 
 
 def test_a_closed_grader_is_recorded_as_unavailable() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import subprocess
@@ -20,11 +21,14 @@ from envs.grading import (
     close_default_grader,
     extract_boxed,
     get_default_grader,
+    power_digits,
     prepare_answer,
     set_default_grader,
 )
 
 HOSTILE = "\\boxed{10^{10^{10^{10}}}}"
+#: Hostile in a way no static check catches: sympy grinds on it until the timeout.
+SLOW = "\\boxed{9!!!!!}"
 # A worker killed for overrunning is replaced in the background; a call right after may wait for
 # the replacement to import math-verify (about 0.5 s here, more on a loaded machine).
 MARGIN_S = 3.0
@@ -159,10 +163,9 @@ def test_text_labels_compare_as_text(grader: Grader, answer: str, status: GradeS
     assert grader.grade(answer, "A").status is status
 
 
-@pytest.mark.parametrize("hostile", [HOSTILE, "\\boxed{9!!!!!}"])
-def test_hostile_answer_times_out(grader: Grader, hostile: str) -> None:
+def test_hostile_answer_times_out(grader: Grader) -> None:
     start = time.monotonic()
-    result = grader.grade(hostile, "3", timeout_s=1.0)
+    result = grader.grade(SLOW, "3", timeout_s=1.0)
     wall = time.monotonic() - start
     assert (result.status, result.score, result.detail) == (
         GradeStatus.TIMEOUT,
@@ -173,6 +176,55 @@ def test_hostile_answer_times_out(grader: Grader, hostile: str) -> None:
     assert 1.0 <= result.elapsed_s <= wall < 1.0 + MARGIN_S
     # The overrunning worker was replaced: grading goes on.
     assert grader.grade("3", "3").status is GradeStatus.CORRECT
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [HOSTILE, "\\boxed{{10}^{{10}^{10}}}", "(10)^{(10)^{10}}", "x^{10^{10^{10}}}", "10^{200000}", "2^{2^{2^{2^{2^{2}}}}}"],
+)
+def test_numeric_power_towers_are_refused_without_a_worker(grader: Grader, hostile: str) -> None:
+    grader.wait_ready()
+    pids = grader.worker_pids()
+    result = grader.grade(hostile, "3")
+    assert (result.status, result.score) == (GradeStatus.TOO_LARGE, 0.0)
+    assert result.status.value == "not graded: too large to evaluate"
+    assert result.detail.startswith("the answer is a number with ")
+    assert result.detail.endswith("digits (at most 100,000 are evaluated)")
+    assert grader.worker_pids() == pids  # no worker was tied up, let alone replaced
+
+
+@pytest.mark.parametrize(
+    ("answer", "digits"),
+    [
+        ("5", 0.0),
+        ("2\\sqrt{3}", 0.0),
+        ("e^{x^2}", 0.0),
+        ("2^{x}", 0.0),
+        ("2^{100}", 100 * math.log10(2)),
+        ("3^2+4^2", 2 * math.log10(4)),
+        ("10^{100000}", 100_000.0),
+        ("2^{2^{2}}", 4 * math.log10(2)),
+        ("{10}^{{10}^{10}}", 1e10),
+        ("(10)^{(10)^{10}}", 1e10),
+        ("10^{10^{10^{10}}}", math.inf),
+        ("0.5^{10^{10}}", 10.0),  # the tower's own value is small; its exponent 10^{10} has 10 digits
+        ("1^{10^{100}}", 100.0),
+    ],
+)
+def test_power_digits(answer: str, digits: float) -> None:
+    assert power_digits(answer) == pytest.approx(digits)
+
+
+def test_power_digits_is_fast_on_hostile_text() -> None:
+    for text in ("10^{" * 250, "^" * 1000, "{" * 500 + "}" * 500, "(10)^{" * 166, "2^{3}+" * 166):
+        start = time.perf_counter()
+        power_digits(text[:1000])
+        assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.parametrize("answer", ["2^{2^{2}}", "10^{3}", "\\frac{2^{10}}{2^{8}}"])
+def test_small_powers_are_still_graded(grader: Grader, answer: str) -> None:
+    assert grader.grade(answer, "16" if "2^{2" in answer else "1000" if "10^" in answer else "4").correct
 
 
 def test_grading_from_eight_threads_at_once(grader: Grader) -> None:
@@ -209,7 +261,7 @@ async def test_grade_async_does_not_block_the_event_loop(grader: Grader) -> None
             ticks += 1
 
     task = asyncio.create_task(ticker())
-    result = await grader.grade_async(HOSTILE, "3", timeout_s=1.0)
+    result = await grader.grade_async(SLOW, "3", timeout_s=1.0)
     task.cancel()
     assert result.status is GradeStatus.TIMEOUT
     # About 20 ticks happen in the 1 s of grading when the loop is free; none if it were blocked.
@@ -250,7 +302,7 @@ def test_a_worker_that_dies_while_grading_is_reported_and_replaced() -> None:
         grader.wait_ready()
         (pid,) = grader.worker_pids()
         threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
-        result = grader.grade(HOSTILE, "3")
+        result = grader.grade(SLOW, "3")
         assert result.status is GradeStatus.WORKER_CRASHED
         assert result.detail == "the grading worker died (exit code -9)"
         assert result.elapsed_s < 5.0
@@ -327,10 +379,44 @@ def test_waiting_for_readiness_while_grading_does_not_steal_replies() -> None:
         assert (waiter.is_alive(), grading.is_alive(), results) == (False, False, [GradeStatus.CORRECT])
 
 
+def test_a_timed_out_worker_is_replaced_by_the_started_spare() -> None:
+    with Grader(workers=1, timeout_s=1.0, spare_workers=1) as grader:
+        grader.wait_ready()
+        (worker,), (spare,) = grader.worker_pids(), grader.spare_pids()
+        assert grader.grade(SLOW, "3").status is GradeStatus.TIMEOUT
+        # The spare (already past its sympy import) serves the next answer; a new spare starts.
+        assert grader.worker_pids() == [spare]
+        (new_spare,) = grader.spare_pids()
+        assert new_spare not in (worker, spare)
+        assert grader.grade("3", "3").status is GradeStatus.CORRECT
+        _wait_gone(worker)
+
+
+def test_no_spares_when_asked_for_none() -> None:
+    with Grader(workers=1, spare_workers=0) as grader:
+        grader.wait_ready()
+        assert grader.spare_pids() == []
+        assert grader.grade(SLOW, "3", timeout_s=0.5).status is GradeStatus.TIMEOUT
+        assert grader.grade("3", "3").status is GradeStatus.CORRECT
+
+
+def test_workers_and_spares_run_at_the_lower_priority() -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with Grader(workers=1, spare_workers=1, niceness=7) as grader:
+        grader.wait_ready()
+        for pid in grader.worker_pids() + grader.spare_pids():
+            assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, base + 7)
+    with Grader(workers=1, spare_workers=0, niceness=0) as grader:
+        grader.wait_ready()
+        assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in grader.worker_pids()] == [base]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"workers": 0}, "Grader workers must be an integer >= 1, got 0"),
+        ({"spare_workers": -1}, "Grader spare_workers must be an integer >= 0, got -1"),
+        ({"niceness": 20}, "Grader niceness must be an integer in [0, 19], got 20"),
         ({"timeout_s": 0}, "timeout_s must be a positive number of seconds, got 0"),
         ({"wait_timeout_s": float("inf")}, "wait_timeout_s must be a positive number of seconds, got inf"),
         (
