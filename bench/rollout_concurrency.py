@@ -27,8 +27,8 @@ batch's size, as in a training run that rolls out batch after batch (``--cold`` 
 scenario also warms up with one group against its own server.
 
 Scenarios: ``clean`` (all answers gradable) and ``hostile`` (every 16th multi-turn episode first
-answers ``\\boxed{10^{10^{10^{10}}}}``, which makes the grader time out and replace its worker
-process). Grading uses 4 worker processes and a 1 s timeout (``--grader-workers``,
+answers ``\\boxed{9!!!!!}``, which sympy grinds on until the grader times out and replaces its
+worker process; ``--hostile-answer`` picks another). Grading uses 4 worker processes and a 1 s timeout (``--grader-workers``,
 ``--grading-timeout``). ``--quick``: 8 prompts, 50-120 tokens per turn at 5 ms per token.
 
     python bench/rollout_concurrency.py [--quick] [--prompts 64] [--samples 8] [--ms-per-token 10]
@@ -61,7 +61,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 CHECKPOINT = "tiny-qwen2.5-vl"
-HOSTILE_ANSWER = "\\boxed{10^{10^{10^{10}}}}"
+# Grinds in sympy until the grading timeout. (Numeric power towers such as 10^{10^{10^{10}}}, the
+# classic hostile answer, are refused by the grader before any worker sees them since 2026-11-22;
+# pass one with --hostile-answer to measure that path.)
+HOSTILE_ANSWER = "\\boxed{9!!!!!}"
 # Share of episodes that solve at turn 1, at turn 2, or use all three turns.
 TURN_WEIGHTS = (0.35, 0.30, 0.35)
 FILLER = (
@@ -259,11 +262,13 @@ def _plan_kinds(turns: int, max_turns: int, rng: random.Random) -> list[str]:
     return kinds
 
 
-def build_workload(processing, settings: Settings, hostile_every: int = 0) -> Workload:
+def build_workload(
+    processing, settings: Settings, hostile_every: int = 0, hostile_answer: str = HOSTILE_ANSWER
+) -> Workload:
     """Problems, prompts and a script of replies for every (prompt, sample) slot.
 
     With ``hostile_every`` = k > 0, every k-th episode that takes two or more turns answers
-    ``\\boxed{10^{10^{10^{10}}}}`` in its first tool call instead of a plain wrong answer.
+    ``hostile_answer`` in its first tool call instead of a plain wrong answer.
     """
     from envs.geo3k.sample_data import generate_problems
     from rollout.engines.sglang_client import SGLangClient
@@ -301,7 +306,7 @@ def build_workload(processing, settings: Settings, hostile_every: int = 0) -> Wo
             plan = EpisodePlan(p, s, kinds, tokens)
             for t, (kind, n) in enumerate(zip(kinds, tokens, strict=True)):
                 plan.replies.append(
-                    _reply(processing, filler, eos, f"{p}.{s}.{t + 1}", kind, n, labels[p], rng)
+                    _reply(processing, filler, eos, f"{p}.{s}.{t + 1}", kind, n, labels[p], rng, hostile_answer)
                 )
             group.append(plan)
         plans.append(group)
@@ -319,10 +324,10 @@ def build_workload(processing, settings: Settings, hostile_every: int = 0) -> Wo
     )
 
 
-def _reply(processing, filler, eos, marker, kind, n_tokens, label, rng) -> tuple[list[int], str]:
+def _reply(processing, filler, eos, marker, kind, n_tokens, label, rng, hostile_answer) -> tuple[list[int], str]:
     """``n_tokens`` token ids: thinking (unique per episode and turn), then the turn's action, then EOS."""
     if kind in ("wrong", "hostile", "correct"):
-        answer = {"wrong": _wrong_answer(label, rng), "hostile": HOSTILE_ANSWER, "correct": label}[kind]
+        answer = {"wrong": _wrong_answer(label, rng), "hostile": hostile_answer, "correct": label}[kind]
         action = (
             "<tool_call>"
             + json.dumps({"name": "calc_score", "arguments": {"answer": answer}})
@@ -945,7 +950,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="in the hostile scenario, every k-th multi-turn episode answers the hostile expression first")  # fmt: skip
     parser.add_argument("--grading-timeout", type=float, default=1.0, help="env grading_timeout_s (seconds)")
     parser.add_argument("--grader-workers", type=int, default=4)
+    parser.add_argument("--grader-spares", type=int, default=1, help="Grader spare_workers")
+    parser.add_argument("--grader-niceness", type=int, default=10, help="Grader niceness")
     parser.add_argument("--scenarios", default="clean,hostile")
+    parser.add_argument("--hostile-answer", default=HOSTILE_ANSWER, help="what hostile episodes answer first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cold", action="store_true", help="skip the untimed warm-up batch before the first scenario"
@@ -967,7 +975,12 @@ def main(argv: list[str] | None = None) -> None:
     from envs.grading import Grader, set_default_grader
     from rollout.runtime import default_runtime
 
-    grader = Grader(workers=opts.grader_workers, timeout_s=opts.grading_timeout)
+    grader = Grader(
+        workers=opts.grader_workers,
+        timeout_s=opts.grading_timeout,
+        spare_workers=opts.grader_spares,
+        niceness=opts.grader_niceness,
+    )
     set_default_grader(grader)
     grader.wait_ready()
     processing = default_runtime().processing.get(CHECKPOINT)
@@ -975,7 +988,10 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for name in scenarios:
         workload = build_workload(
-            processing, settings, hostile_every=opts.hostile_every if name == "hostile" else 0
+            processing,
+            settings,
+            hostile_every=opts.hostile_every if name == "hostile" else 0,
+            hostile_answer=opts.hostile_answer,
         )
         first = not results
         results.append(
@@ -990,8 +1006,9 @@ def main(argv: list[str] | None = None) -> None:
         "engine": f"{settings.ms_per_token:g} ms per generated token, every request served concurrently",
         "turns": "solved at turn 1 / 2 / all three turns: " + " / ".join(f"{w:.0%}" for w in TURN_WEIGHTS),
         "prompts": "rendered geo3k problems, one 448x448 diagram each, tokenizer tiny-qwen2.5-vl",
-        "grading": f"{opts.grader_workers} worker processes, timeout {opts.grading_timeout:g} s",
-        "hostile": f"every {opts.hostile_every}th multi-turn episode answers {HOSTILE_ANSWER} at turn 1",
+        "grading": f"{opts.grader_workers} worker processes + {opts.grader_spares} spare, niceness "
+        f"{opts.grader_niceness}, timeout {opts.grading_timeout:g} s",
+        "hostile": f"every {opts.hostile_every}th multi-turn episode answers {opts.hostile_answer} at turn 1",
     }
     print_report(settings, results, config)
     record = {

@@ -1,10 +1,13 @@
 """Answer grading with math-verify, in worker processes with a hard per-answer timeout.
 
-Why worker processes: math-verify can take unbounded time on hostile answers (``\\boxed{10^{10^{10^
-{10}}}}`` makes sympy build a number with 10^10 digits), and its own timeout uses ``SIGALRM``, which
+Why worker processes: math-verify can take unbounded time on hostile answers (``\\boxed{9!!!!!}``
+makes sympy multiply numbers with millions of digits), and its own timeout uses ``SIGALRM``, which
 only works in the main thread. Here every answer is graded in the main thread of a worker process
-with math-verify's timeouts disabled; the parent waits at most ``timeout_s`` for the reply and kills
-and replaces a worker that overruns or dies. Workers start with the ``spawn`` method (the parent may
+with math-verify's timeouts disabled. The worker stops an answer itself after ``timeout_s`` (an
+alarm raises through math-verify, which catches ordinary exceptions) and stays in the pool, so a
+hostile answer costs its timeout and nothing more; the parent waits ``KILL_GRACE_S`` longer, then
+kills and replaces a worker that did not stop (stuck in native code) or died. Numeric power towers
+(``10^{10^{10^{10}}}``) are refused before they reach a worker (:func:`power_digits`). Workers start with the ``spawn`` method (the parent may
 hold torch threads, which ``fork`` would copy in a broken state). With ``spawn``, a worker re-imports
 the parent's main script, so scripts that grade must keep their top-level work under
 ``if __name__ == "__main__":`` (as every multiprocessing program must).
@@ -62,6 +65,12 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_WORKERS = 2
+#: How long past ``timeout_s`` the parent waits for a worker to stop an answer itself before it
+#: kills the worker.
+KILL_GRACE_S = 0.5
+#: A worker that has stopped this many answers at their timeout is retired and replaced: an alarm
+#: can interrupt library code anywhere, and this bounds what such interruptions could leave behind.
+MAX_INTERRUPTIONS_PER_WORKER = 32
 #: Longest \boxed{} content looked at; a longer one is not an answer, and the cap keeps
 #: extraction linear on hostile text.
 MAX_BOXED_CHARS = 4096
@@ -322,9 +331,20 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None, niceness: int = 
         ok = verify(gold, pred, timeout_seconds=None)
         return (GradeStatus.CORRECT if ok else GradeStatus.INCORRECT).value, shown, None
 
+    def healthy() -> bool:
+        # After an interruption: does grading still give the right answers?
+        try:
+            with _alarm(DEFAULT_TIMEOUT_S):
+                correct, incorrect = grade("2", "2")[0], grade("3", "2")[0]
+        except BaseException:
+            return False
+        return (correct, incorrect) == (GradeStatus.CORRECT.value, GradeStatus.INCORRECT.value)
+
     grade("1", "1")  # import sympy and fill math-verify's caches before reporting ready
     _limit_memory(memory_limit_mb)
+    signal.signal(signal.SIGALRM, _raise_interrupted)
     conn.send(("ready", os.getpid()))
+    interruptions = 0
     while True:
         try:
             request = conn.recv()
@@ -333,8 +353,16 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None, niceness: int = 
         if request is None:
             return
         conn.send(_RECEIVED)  # lets the parent tell "died before the job" from "crashed on it"
+        answer, label, timeout_s = request
         try:
-            reply: tuple[str, str, str | None] = grade(*request)
+            with _alarm(timeout_s):
+                reply: tuple[str, str, str | None] = grade(answer, label)
+        except _Interrupted:
+            interruptions += 1
+            reply = (GradeStatus.TIMEOUT.value, "", _timeout_detail(timeout_s))
+            if interruptions >= MAX_INTERRUPTIONS_PER_WORKER or not healthy():
+                conn.send(reply)
+                return  # the parent finds the worker gone and starts a fresh one
         except MemoryError:
             reply = (
                 GradeStatus.WORKER_CRASHED.value,
@@ -347,6 +375,27 @@ def _worker_main(conn: Connection, memory_limit_mb: int | None, niceness: int = 
 
 
 _RECEIVED = "received"
+
+
+class _Interrupted(BaseException):
+    """Raised by the alarm; a BaseException, so math-verify's ``except Exception`` lets it through."""
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise _Interrupted
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float):
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _timeout_detail(timeout_s: float) -> str:
+    return f"grading took longer than {timeout_s:g} s"
 
 
 def _has_math(parsed: list[Any]) -> bool:
@@ -442,10 +491,11 @@ class Grader:
     """A pool of math-verify worker processes; thread-safe, usable from asyncio.
 
     Workers start on first use (or :meth:`start`); :meth:`close` (also run at interpreter exit)
-    kills them. ``timeout_s`` is the hard limit on one answer's grading; ``wait_timeout_s`` bounds the
-    wait for a free worker; ``memory_limit_mb`` caps each worker's extra address space.
+    kills them. ``timeout_s`` is the limit on one answer's grading (a worker that cannot stop in
+    time is killed ``KILL_GRACE_S`` later); ``wait_timeout_s`` bounds the wait for a free worker;
+    ``memory_limit_mb`` caps each worker's extra address space.
 
-    ``spare_workers`` more processes are kept started and idle: a worker killed after a timeout is
+    ``spare_workers`` more processes are kept started and idle: a worker killed or retired is
     replaced by a spare at once, instead of by a new process that spends the better part of a
     second importing sympy while answers queue. ``niceness`` lowers the workers' CPU priority
     (``os.nice``), so that answers that burn a core until their timeout slow the caller's threads
@@ -605,14 +655,14 @@ class Grader:
                     else f"no grading worker free within {self.wait_timeout_s:g} s",
                 )
             received = False
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + timeout + KILL_GRACE_S
             try:
-                worker.conn.send((prepared, gold))
-                if worker.conn.poll(timeout):
+                worker.conn.send((prepared, gold, timeout))
+                if worker.conn.poll(timeout + KILL_GRACE_S):
                     received = worker.conn.recv() == _RECEIVED
                 if not received or not worker.conn.poll(max(0.0, deadline - time.monotonic())):
                     self._replace(worker)
-                    return result(GradeStatus.TIMEOUT, detail=f"grading took longer than {timeout:g} s")
+                    return result(GradeStatus.TIMEOUT, detail=_timeout_detail(timeout))
                 status, parsed, detail = worker.conn.recv()
             except (EOFError, OSError):
                 self._replace(worker)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from envs.grading import (
+    KILL_GRACE_S,
     Grader,
     GradeStatus,
     close_default_grader,
@@ -164,6 +165,8 @@ def test_text_labels_compare_as_text(grader: Grader, answer: str, status: GradeS
 
 
 def test_hostile_answer_times_out(grader: Grader) -> None:
+    grader.wait_ready()
+    pids = grader.worker_pids()
     start = time.monotonic()
     result = grader.grade(SLOW, "3", timeout_s=1.0)
     wall = time.monotonic() - start
@@ -174,8 +177,10 @@ def test_hostile_answer_times_out(grader: Grader) -> None:
     )
     assert result.status.value == "not graded: timeout"
     assert 1.0 <= result.elapsed_s <= wall < 1.0 + MARGIN_S
-    # The overrunning worker was replaced: grading goes on.
+    # The worker stopped the answer itself and stays in the pool: no process was replaced.
+    assert sorted(grader.worker_pids()) == sorted(pids)
     assert grader.grade("3", "3").status is GradeStatus.CORRECT
+    assert grader.grade("4", "3").status is GradeStatus.INCORRECT
 
 
 @pytest.mark.parametrize(
@@ -379,25 +384,34 @@ def test_waiting_for_readiness_while_grading_does_not_steal_replies() -> None:
         assert (waiter.is_alive(), grading.is_alive(), results) == (False, False, [GradeStatus.CORRECT])
 
 
-def test_a_timed_out_worker_is_replaced_by_the_started_spare() -> None:
-    with Grader(workers=1, timeout_s=1.0, spare_workers=1) as grader:
+def test_a_stuck_worker_is_killed_and_replaced_by_the_started_spare() -> None:
+    """A worker that cannot stop an answer itself (simulated with SIGSTOP: stuck in native code) is
+    killed once the grace period after the timeout has passed; the spare takes its place."""
+    with Grader(workers=1, timeout_s=0.5, spare_workers=1) as grader:
         grader.wait_ready()
         (worker,), (spare,) = grader.worker_pids(), grader.spare_pids()
-        assert grader.grade(SLOW, "3").status is GradeStatus.TIMEOUT
+        os.kill(worker, signal.SIGSTOP)
+        start = time.monotonic()
+        result = grader.grade("3", "3")
+        assert (result.status, result.detail) == (GradeStatus.TIMEOUT, "grading took longer than 0.5 s")
+        assert 0.5 + KILL_GRACE_S <= time.monotonic() - start < 0.5 + KILL_GRACE_S + MARGIN_S
+        _wait_gone(worker)
         # The spare (already past its sympy import) serves the next answer; a new spare starts.
         assert grader.worker_pids() == [spare]
         (new_spare,) = grader.spare_pids()
         assert new_spare not in (worker, spare)
         assert grader.grade("3", "3").status is GradeStatus.CORRECT
-        _wait_gone(worker)
 
 
 def test_no_spares_when_asked_for_none() -> None:
-    with Grader(workers=1, spare_workers=0) as grader:
+    with Grader(workers=1, timeout_s=0.5, spare_workers=0) as grader:
         grader.wait_ready()
         assert grader.spare_pids() == []
-        assert grader.grade(SLOW, "3", timeout_s=0.5).status is GradeStatus.TIMEOUT
-        assert grader.grade("3", "3").status is GradeStatus.CORRECT
+        (worker,) = grader.worker_pids()
+        os.kill(worker, signal.SIGSTOP)
+        assert grader.grade("3", "3").status is GradeStatus.TIMEOUT
+        assert grader.grade("3", "3").status is GradeStatus.CORRECT  # served by a freshly started worker
+        assert grader.worker_pids() != [worker]
 
 
 def test_workers_and_spares_run_at_the_lower_priority() -> None:
