@@ -142,7 +142,7 @@ def _encode_prompt(ctx: EpisodeContext, sample: Any) -> _State:
         images = [load_image(image) for image in raw_images]
     except Exception as exc:
         raise _EpisodeEnded("FAILED", f"prompt image could not be loaded: {exc}") from None
-    ids = processing.encode_trusted(prompt)
+    ids = processing.encode_prompt(prompt)
     state = _State(trajectory=Trajectory(prompt_ids=[]), request_ids=[])
     try:
         if images:

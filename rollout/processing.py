@@ -8,11 +8,15 @@ untrusted text with special-token strings treated as plain text, processing imag
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer
+
+#: Distinct prompts whose token ids are remembered (a few rollout batches' worth).
+PROMPT_CACHE_ENTRIES = 4096
 
 
 class ImagePadMismatch(ValueError):
@@ -35,6 +39,8 @@ class Processing:
     special_token_strings: tuple[str, ...]
     # Tokens only the processor may place; a model that samples one breaks the trainer's forward pass.
     vision_token_ids: frozenset[int]
+    _prompt_ids: OrderedDict[str, list[int]] = field(default_factory=OrderedDict, repr=False)
+    _prompt_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_tokenizer_and_processor(cls, tokenizer: Any, processor: Any) -> Processing:
@@ -65,6 +71,21 @@ class Processing:
     def encode_trusted(self, text: str) -> list[int]:
         """Template text: special-token strings become their special tokens."""
         return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """:meth:`encode_trusted` for prompts, remembered: the n samples of a GRPO group share their
+        prompt, and tokenizing it holds the GIL that the event loop needs (about 0.3 ms a prompt)."""
+        with self._prompt_lock:
+            ids = self._prompt_ids.get(text)
+            if ids is not None:
+                self._prompt_ids.move_to_end(text)
+                return list(ids)
+        ids = self.encode_trusted(text)
+        with self._prompt_lock:
+            self._prompt_ids[text] = ids
+            while len(self._prompt_ids) > PROMPT_CACHE_ENTRIES:
+                self._prompt_ids.popitem(last=False)
+        return list(ids)
 
     def encode_plain(self, text: str) -> list[int]:
         """Untrusted text (model or env words): special-token strings stay text."""

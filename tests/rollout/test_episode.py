@@ -422,3 +422,12 @@ async def test_a_sample_the_env_cannot_be_built_for_fails_alone(qwen25_processin
     assert out.metadata["status_reason"].startswith("the env could not be built or reset: EnvConfigError: ")
     assert engine.requests == []
     assert_invariants(out)
+
+
+def test_prompt_token_ids_are_remembered_and_never_shared(qwen25_processing):
+    text = "<|im_start|>user\nFind x in the triangle.<|im_end|>\n<|im_start|>assistant\n"
+    first = qwen25_processing.encode_prompt(text)
+    assert first == qwen25_processing.encode_trusted(text)
+    first.append(-1)  # a caller's list is its own
+    second = qwen25_processing.encode_prompt(text)
+    assert second == qwen25_processing.encode_trusted(text) and second is not first
