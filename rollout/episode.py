@@ -102,9 +102,10 @@ async def run_episode(ctx: EpisodeContext, args: Any, sample: Any, sampling_para
     status, reason = "COMPLETED", "max_turns reached"
     loop = asyncio.get_running_loop()
     try:
-        state = await loop.run_in_executor(ctx.prep_executor, _encode_prompt, ctx, sample)
+        state, env, env_error = await _call_env(ctx, _set_up, ctx, sample, args)
         try:
-            env = await _call_env(ctx, _build_and_reset, ctx, sample, args)
+            if env_error is not None:
+                raise env_error
             if inspect.iscoroutinefunction(env.reset):
                 await env.reset()
         except Exception as exc:  # a bad row (say, no label) is a failed sample, not a crashed batch
@@ -323,8 +324,19 @@ def _record_step_info(record: TurnRecord, info: Any, done: bool) -> None:
         record.tool_call = {"answer": info.get("answer")}
 
 
+def _set_up(ctx: EpisodeContext, sample: Any, args: Any) -> tuple[_State, Any, Exception | None]:
+    """Encode the prompt, then build and reset the env, in one trip to the env threads: with
+    hundreds of episodes starting at once, every extra hand-off back to the event loop queues
+    behind everyone else's and delays the episode's first request."""
+    state = _encode_prompt(ctx, sample)
+    try:
+        return state, _build_and_reset(ctx, sample, args), None
+    except Exception as exc:
+        return state, None, exc
+
+
 def _build_and_reset(ctx: EpisodeContext, sample: Any, args: Any) -> Any:
-    """One trip to the env threads for both calls (a sync reset runs right after the build)."""
+    """Both calls in one thread trip (a sync reset runs right after the build)."""
     env = ctx.env_module.build_env(sample=sample, args=args, **ctx.config.env_kwargs)
     if not inspect.iscoroutinefunction(env.reset):
         try:
