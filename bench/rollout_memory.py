@@ -106,6 +106,9 @@ async def _measure(n: int, hold_turn: int) -> dict:
         statuses = sorted({o.status.name for o in outs})
         turns = sum(o.metadata["num_turns"] for o in outs)
         pixel_bytes = sum(o.multimodal_train_inputs["pixel_values"].nbytes for o in outs)
+        # A group's samples share one tensor (rollout/image_cache.py): count each tensor once.
+        distinct = {id(t): t.nbytes for t in (o.multimodal_train_inputs["pixel_values"] for o in outs)}
+        distinct_pixel_bytes = sum(distinct.values())
         del outs, samples, batch
         gc.collect()
         rss_freed = vm_rss_mb()
@@ -126,7 +129,8 @@ async def _measure(n: int, hold_turn: int) -> dict:
         },  # fmt: skip
         "rss_mb_per_held_episode": (rss_held - rss_base) / n,
         "traced_kb_per_held_episode": traced_held / n / 1024,
-        "traced_kb_per_held_episode_besides_pixel_values": (traced_held / n - PIXEL_BYTES_448) / 1024,
+        "traced_kb_per_held_episode_besides_pixel_values": (traced_held - distinct_pixel_bytes) / n / 1024,
+        "distinct_pixel_values_tensors": len(distinct),
         "rss_mb_per_finished_sample": (rss_done - rss_base) / n,
         "pixel_values_mb_per_finished_sample": pixel_bytes / n / 2**20,
         "data_uri_encodings": encoded["calls"],
