@@ -72,8 +72,10 @@ class EpisodeContext:
     processing: Processing
     encoder: ObservationEncoder
     env_module: Any
+    # Env calls, and each episode's set-up (prompt encoding, env build and reset) in one trip.
     env_executor: Executor
-    # Image processing and prompt encoding (milliseconds each) run here, never on the event loop.
+    # Observations with images and the finished sample's training tensors (milliseconds each):
+    # never on the event loop. Image processing itself runs on the image cache's own thread.
     prep_executor: Executor
     image_cache: ProcessedImageCache
 

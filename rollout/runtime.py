@@ -30,8 +30,8 @@ class RolloutRuntime:
         self._env_modules: dict[str, Any] = {}
         self._clients: dict[str, SGLangClient] = {}
         self._executor: ThreadPoolExecutor | None = None
-        # Two threads: image processing releases the GIL in numpy, and a second thread keeps one
-        # large image from delaying every other episode's prompt.
+        # Two threads: a second keeps one large observation image (PNG encoding, concatenating a
+        # sample's tensors) from delaying every other episode's.
         self._prep_executor = ThreadPoolExecutor(2, thread_name_prefix="rollout-prep")
         self.image_cache = ProcessedImageCache()
         self._gc_frozen = False
