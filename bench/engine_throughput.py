@@ -139,6 +139,16 @@ def random_init_config(shape: Shape, tokenizer):
     )
 
 
+def bench_policy(model: str, random_init_shape: str | None, device: str, dtype: torch.dtype) -> tuple[Policy, str]:
+    """The policy a benchmark runs and its name in the tables: a preset or checkpoint, or random
+    weights of a real model's shape (``--random-init-shape``)."""
+    from models.loader import load_policy
+
+    if random_init_shape:
+        return random_init_policy(SHAPES[random_init_shape], device, dtype), f"random-init {random_init_shape}"
+    return load_policy(model, device=device, dtype=dtype), model
+
+
 def random_init_policy(shape: Shape, device: str, dtype: torch.dtype) -> Policy:
     """A policy with random weights of ``shape``, built directly on ``device`` (no fp32 CPU copy)."""
     processing = load_processing(shape.processing_preset)
@@ -312,17 +322,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from models.loader import default_dtype, load_policy
+    from models.loader import default_dtype
 
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
-    if args.random_init_shape:
-        policy = random_init_policy(SHAPES[args.random_init_shape], device, dtype)
-        model_name = f"random-init {args.random_init_shape}"
-    else:
-        policy = load_policy(args.model, device=device, dtype=dtype)
-        model_name = args.model
+    policy, model_name = bench_policy(args.model, args.random_init_shape, device, dtype)
     parameters = sum(p.numel() for p in policy.model.parameters())
     rows = asyncio.run(
         run_benchmark(

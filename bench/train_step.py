@@ -25,8 +25,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # runnable from a plain checkout
 
-from bench.engine_throughput import SHAPES, diagram, machine, random_init_policy  # noqa: E402
-from models.loader import default_dtype, load_policy  # noqa: E402
+from bench.engine_throughput import SHAPES, bench_policy, diagram, machine  # noqa: E402
+from models.loader import default_dtype  # noqa: E402
 from trainer.batch import TrainSample  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.optim import MasterWeightAdamW  # noqa: E402
@@ -75,12 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = default_dtype(device)
-    if args.random_init_shape:
-        policy = random_init_policy(SHAPES[args.random_init_shape], device, dtype)
-        name = f"random-init {args.random_init_shape}"
-    else:
-        policy = load_policy(args.model, device=device, dtype=dtype)
-        name = args.model
+    policy, name = bench_policy(args.model, args.random_init_shape, device, dtype)
     cfg = TrainConfig.from_dict(
         dict(rollout_batch_size=1, n_samples_per_prompt=args.samples, micro_batch_size=args.micro_batch_size,
              gradient_checkpointing=args.gradient_checkpointing, lr=1e-6, progress=False)

@@ -154,20 +154,32 @@ def _command_argument(text: str, pos: int) -> str | None:
         while stop < n and stop - arg < MAX_BOXED_CHARS and not text[stop].isspace() and text[stop] != "$":
             stop += 1
         return text[arg:stop]
+    close = _group_end(text, arg)
+    return None if close is None else text[arg + 1 : close]
+
+
+_CLOSING = {"{": "}", "(": ")"}
+
+
+def _group_end(text: str, start: int) -> int | None:
+    """Index of the bracket closing the ``{`` or ``(`` at ``start`` (escaped brackets do not count),
+    or None when it does not close within MAX_BOXED_CHARS."""
+    opening = text[start]
+    closing = _CLOSING[opening]
     depth = 0
-    limit = min(n, arg + MAX_BOXED_CHARS + 2)
-    i = arg
+    limit = min(len(text), start + MAX_BOXED_CHARS + 2)
+    i = start
     while i < limit:
         char = text[i]
         if char == "\\":
             i += 2
             continue
-        if char == "{":
+        if char == opening:
             depth += 1
-        elif char == "}":
+        elif char == closing:
             depth -= 1
             if depth == 0:
-                return text[arg + 1 : i]
+                return i
         i += 1
     return None
 
@@ -179,7 +191,6 @@ _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 MAX_RESULT_DIGITS = 100_000
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 _BASE = re.compile(r"(\d+(?:\.\d+)?)[\s)}]*$")
-_CLOSING = {"{": "}", "(": ")"}
 
 
 def power_digits(answer: str) -> float:
@@ -234,9 +245,7 @@ def _numeric_log10(text: str, depth: int) -> float | None:
             return None
         base, rest = number.group(), text[number.end() :]
     rest = rest.lstrip()
-    if not rest:
-        if _NUMBER.fullmatch(base.strip()) is None:
-            return _numeric_log10(base, depth + 1)
+    if not rest:  # a plain number (a lone group returned above)
         value = float(base)
         return math.log10(value) if value > 1 else 0.0
     if not rest.startswith("^"):
@@ -252,20 +261,12 @@ def _power_argument(text: str) -> tuple[str | None, str]:
     text = text.lstrip()
     if not text:
         return None, ""
-    opening = text[0]
-    if opening not in _CLOSING:
+    if text[0] not in _CLOSING:
         number = _NUMBER.match(text)
         end = number.end() if number else 1
         return text[:end], text[end:]
-    closing, depth = _CLOSING[opening], 0
-    for i, char in enumerate(text[:MAX_BOXED_CHARS]):
-        if char == opening:
-            depth += 1
-        elif char == closing:
-            depth -= 1
-            if depth == 0:
-                return text[1:i], text[i + 1 :]
-    return None, ""
+    close = _group_end(text, 0)
+    return (None, "") if close is None else (text[1:close], text[close + 1 :])
 
 
 def prepare_answer(text: str) -> str:

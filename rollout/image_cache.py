@@ -51,14 +51,6 @@ class ProcessedImage:
             return self.predicted_pad_count
         return self.tensors.result().pad_count
 
-    @property
-    def pixel_values(self) -> torch.Tensor:
-        return self.tensors.result().pixel_values
-
-    @property
-    def image_grid_thw(self) -> torch.Tensor:
-        return self.tensors.result().image_grid_thw
-
 
 def image_digest(image: Image.Image) -> bytes:
     # A cache key, not a security boundary: XXH3-128 hashes a 448x448 image in about 0.01 ms,

@@ -26,8 +26,6 @@ def _data_uri(image: Image.Image) -> str:
 
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
-#: Requests started per event-loop iteration, at most (see SGLangClient._paced).
-SENDS_PER_ITERATION = 8
 
 
 def _dumps(payload: dict[str, Any]) -> bytes:
@@ -65,7 +63,6 @@ class SGLangClient:
         self.backoff_s = backoff_s
         self.max_connections = max_connections
         self._sessions: dict[int, aiohttp.ClientSession] = {}
-        self._send_gates: dict[int, asyncio.Semaphore] = {}
 
     @classmethod
     def from_args(cls, args: Any, config) -> SGLangClient:
@@ -97,7 +94,6 @@ class SGLangClient:
 
     async def close(self) -> None:
         sessions, self._sessions = list(self._sessions.values()), {}
-        self._send_gates = {}
         for session in sessions:
             if not session.closed:
                 await session.close()
@@ -115,29 +111,12 @@ class SGLangClient:
         body = await self._post_with_retries(payload)
         return parse_generate_response(body)
 
-    async def _paced(self) -> None:
-        """Wait for one of ``SENDS_PER_ITERATION`` send slots; the slot frees at the next loop iteration.
-
-        Starting a request costs the event loop about half a millisecond (aiohttp's request setup,
-        the socket write of the ids and data URIs). When hundreds of episodes become ready at once
-        (a rollout batch starting), all of them would start their requests in one loop iteration,
-        a stall of hundreds of milliseconds for every other episode's replies. Slots spread those
-        starts over iterations; the rate is unchanged: what a batch costs the loop is the same.
-        """
-        loop = asyncio.get_running_loop()
-        gate = self._send_gates.get(id(loop))
-        if gate is None:
-            gate = self._send_gates[id(loop)] = asyncio.Semaphore(SENDS_PER_ITERATION)
-        await gate.acquire()
-        loop.call_soon(gate.release)
-
     async def _post_with_retries(self, payload: dict[str, Any]) -> Any:
         body = _dumps(payload)
         last_error = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
                 await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
-            await self._paced()
             try:
                 timeout = aiohttp.ClientTimeout(total=self.timeout_s)
                 async with self._session().post(self.url, data=body, headers=_JSON_HEADERS, timeout=timeout) as response:
