@@ -22,9 +22,10 @@ Measured, per scenario:
   timers around the rollout's heavier steps say how much of the loop thread's time each took, and
   timers around ``Grader.grade`` give the grading latency (measurement only, removed afterwards).
 
-Before the first scenario an untimed batch runs, so that the process heap has already grown to a
-batch's size, as in a training run that rolls out batch after batch (``--cold`` skips it); each
-scenario also warms up with one group against its own server.
+Before each scenario an untimed batch of the same workload runs against the scenario's server, so
+that the process heap has grown to a batch's size and the connection pool holds a batch's
+connections, as in a training run that rolls out batch after batch from one event loop
+(``--cold``: one group only).
 
 Scenarios: ``clean`` (all answers gradable) and ``hostile`` (every 16th multi-turn episode first
 answers ``\\boxed{9!!!!!}``, which sympy grinds on until the grader times out and replaces its
@@ -637,11 +638,12 @@ class StallTicker:
     def __init__(self, interval_s: float = 0.005) -> None:
         self.interval_s = interval_s
         self.samples: list[tuple[float, float]] = []  # (monotonic time of wake-up, overshoot s)
+        self.last_wake: float | None = None
         self._task: asyncio.Task | None = None
 
     async def _run(self) -> None:
         while True:
-            started = time.monotonic()
+            started = self.last_wake = time.monotonic()
             await asyncio.sleep(self.interval_s)
             now = time.monotonic()
             self.samples.append((now, now - started - self.interval_s))
@@ -657,6 +659,58 @@ class StallTicker:
 
     def stalls_ms(self, after: float = float("-inf")) -> list[float]:
         return [over * 1e3 for at, over in self.samples if at - over - self.interval_s >= after]
+
+
+class StallSampler:
+    """A thread that looks at the event loop's thread while the loop is late: when the ticker has not
+    woken for ``threshold_s``, it records the loop thread's stack every ``interval_s`` (what the
+    loop was running, or where it waited for the GIL). Reported per stall in ``GcWatch.report``."""
+
+    def __init__(self, ticker: StallTicker, threshold_s: float = 0.012, interval_s: float = 0.002) -> None:
+        self.ticker = ticker
+        self.threshold_s = threshold_s
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, str]] = []  # (monotonic time, innermost frames, outermost first)
+        self._loop_thread = threading.get_ident()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stall-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            last = self.ticker.last_wake
+            now = time.monotonic()
+            if last is None or now - last < self.threshold_s + self.ticker.interval_s:
+                continue
+            frame = sys._current_frames().get(self._loop_thread)
+            if frame is not None:
+                self.samples.append((now, _stack_summary(frame)))
+
+    def during(self, start: float, end: float) -> list[str]:
+        """The most frequent stacks sampled in [start, end], with their counts."""
+        counts: dict[str, int] = {}
+        for at, stack in self.samples:
+            if start <= at <= end:
+                counts[stack] = counts.get(stack, 0) + 1
+        return [f"{n}x {stack}" for stack, n in sorted(counts.items(), key=lambda item: -item[1])[:3]]
+
+
+def _stack_summary(frame: Any, depth: int = 4) -> str:
+    """The innermost ``depth`` frames as ``file:function``, skipping asyncio's own machinery."""
+    names = []
+    while frame is not None and len(names) < depth:
+        code = frame.f_code
+        where = Path(code.co_filename)
+        if "asyncio" not in where.parts:
+            names.append(f"{where.stem}:{code.co_name}")
+        frame = frame.f_back
+    return " < ".join(names)
 
 
 class GcWatch:
@@ -682,7 +736,11 @@ class GcWatch:
             self._gc.callbacks.remove(self._callback)
 
     def report(
-        self, stall_samples: list[tuple[float, float]], started: float, threshold_ms: float = 20.0
+        self,
+        stall_samples: list[tuple[float, float]],
+        started: float,
+        sampler: StallSampler | None = None,
+        threshold_ms: float = 20.0,
     ) -> dict[str, Any]:
         by_gen: dict[str, dict[str, float]] = {}
         for gen in (0, 1, 2):
@@ -701,6 +759,7 @@ class GcWatch:
                 "collections": [
                     f"gen{p[2]} {p[1] * 1e3:.1f} ms" for p in self.pauses if at - over - 0.005 <= p[0] <= at
                 ],
+                "loop_thread_stacks": sampler.during(at - over - 0.005, at) if sampler else [],
             }
             for at, over in worst
         ]
@@ -815,6 +874,8 @@ async def run_scenario(
         ticker = StallTicker()
         ticker.start()
         await asyncio.sleep(0.05)
+        sampler = StallSampler(ticker)
+        sampler.start()
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         loop_cpu_before = thread_cpu_s()
         rss_before = vm_rss_mb()
@@ -830,6 +891,7 @@ async def run_scenario(
         loop_cpu = thread_cpu_s() - loop_cpu_before
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         rss_after = vm_rss_mb()
+        sampler.stop()
         await ticker.stop()
         stats = await server.call("GET", "/stats")
     finally:
@@ -856,7 +918,7 @@ async def run_scenario(
         "loop_stall_ms": percentiles(ticker.stalls_ms()),
         "loop_stall_ms_after_all_started": percentiles(ticker.stalls_ms(after=steady_after)),
         "stalls_over_20ms": sum(1 for s in ticker.stalls_ms() if s > 20),
-        **gc_watch.report(ticker.samples, started),
+        **gc_watch.report(ticker.samples, started, sampler),
         "load_average_before_after": [load_before, load_average()],
         **check_against_plan(workload, outs),
         **analysis,
@@ -931,11 +993,21 @@ def print_report(settings: Settings, results: list[dict[str, Any]], config: dict
             f"{r['stalls_with_a_long_collection']} of {r['stalls_over_threshold']} stalls over 20 ms contain one"
         )
         print(f"{r['scenario']}: worst stalls (s after the start, ms, collections inside):", "; ".join(
-            f"{w['at_s']:.2f} s {w['ms']:.0f} ms [{', '.join(w['collections']) or 'none'}]" for w in r["worst_stalls"]))  # fmt: skip
+            f"{w['at_s']:.2f} s {w['ms']:.0f} ms [{_collections(w['collections'])}]" for w in r["worst_stalls"]))  # fmt: skip
+        for w in r["worst_stalls"]:
+            if w["loop_thread_stacks"]:
+                print(f"  {w['at_s']:.2f} s, the loop thread was in: " + " | ".join(w["loop_thread_stacks"]))
     for r in results:
         print(f"\n{r['scenario']}: statuses {r['statuses']}; server errors {r['server_errors'] or 'none'}")
         if r["episodes_matching_plan"] != r["episodes"] or r["server_errors"]:
             print("WARNING: episodes did not follow the script; the timings above are not comparable")
+
+
+def _collections(names: list[str]) -> str:
+    """Collections inside a stall; gen0 ones (well under a millisecond each) only counted."""
+    young = sum(1 for name in names if name.startswith("gen0"))
+    others = [name for name in names if not name.startswith("gen0")]
+    return ", ".join(others + ([f"{young} gen0"] if young else [])) or "none"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -993,12 +1065,7 @@ def main(argv: list[str] | None = None) -> None:
             hostile_every=opts.hostile_every if name == "hostile" else 0,
             hostile_answer=opts.hostile_answer,
         )
-        first = not results
-        results.append(
-            asyncio.run(
-                run_scenario(name, workload, opts.grading_timeout, warm_batch=first and not opts.cold)
-            )
-        )
+        results.append(asyncio.run(run_scenario(name, workload, opts.grading_timeout, warm_batch=not opts.cold)))
     default_runtime().shutdown()
     config = {
         "episodes": f"{settings.prompts} prompts x {settings.samples} samples, max_turns {settings.max_turns}",

@@ -112,8 +112,19 @@ class RolloutConfig:
         path = getattr(args, "custom_config_path", None)
         if path:
             return _cached_yaml(str(path))
-        values = {key: getattr(args, key) for key in cls.setting_names() if getattr(args, key, None) is not None}
-        return cls.from_mapping(values, source="args")
+        values = {key: getattr(args, key) for key in _SETTING_NAMES if getattr(args, key, None) is not None}
+        # generate runs once per episode, hundreds at once, on the event loop: validate once per
+        # args object, and again whenever one of its settings is no longer the very same object.
+        cached = _ARGS_CACHE.get(id(args))
+        if cached is not None and cached[0].keys() == values.keys() and all(
+            values[key] is cached[0][key] for key in values
+        ):
+            return cached[1]
+        config = cls.from_mapping(values, source="args")
+        if len(_ARGS_CACHE) >= 64:
+            _ARGS_CACHE.clear()
+        _ARGS_CACHE[id(args)] = (values, config)
+        return config
 
 
 def _check_type(key: str, value: Any, expected: type | tuple[type, ...]) -> None:
@@ -124,6 +135,8 @@ def _check_type(key: str, value: Any, expected: type | tuple[type, ...]) -> None
         raise ConfigError(f"{key} must be {names}, got {type(value).__name__} {value!r}")
 
 
+_SETTING_NAMES = RolloutConfig.setting_names()
+_ARGS_CACHE: dict[int, tuple[dict[str, Any], RolloutConfig]] = {}
 _YAML_CACHE: dict[tuple[str, float], RolloutConfig] = {}
 
 

@@ -145,12 +145,12 @@ def _encode_prompt(ctx: EpisodeContext, sample: Any) -> _State:
         images = [load_image(image) for image in raw_images]
     except Exception as exc:
         raise _EpisodeEnded("FAILED", f"prompt image could not be loaded: {exc}") from None
-    ids = processing.encode_prompt(prompt)
+    rendered = ids = processing.encode_prompt(prompt)
     state = _State(trajectory=Trajectory(prompt_ids=[]), request_ids=[])
     try:
         if images:
             _add_images(ctx, state, images)
-            ids = processing.expand_image_pads(ids, [entry.pad_count for entry in state.entries])
+            ids = processing.expand_image_pads(rendered, [entry.pad_count for entry in state.entries])
         elif processing.count_image_pads(ids):
             raise ImagePadMismatch("the prompt has image placeholders but the sample has no images")
     except ImagePadMismatch as exc:
@@ -158,7 +158,10 @@ def _encode_prompt(ctx: EpisodeContext, sample: Any) -> _State:
     except Exception as exc:  # e.g. an aspect ratio the processor refuses
         raise _EpisodeEnded("FAILED", f"prompt image could not be processed: {type(exc).__name__}: {exc}") from None
     state.trajectory.prompt_ids = ids
-    state.request_ids = processing.compress_image_pads(ids) if ctx.config.image_token_mode == "single_pad" else list(ids)
+    # Compressing the rendered prompt (a pad or two) gives what compressing the expansion would.
+    state.request_ids = (
+        processing.compress_image_pads(rendered) if ctx.config.image_token_mode == "single_pad" else list(ids)
+    )
     return state
 
 

@@ -22,6 +22,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import pyarrow
 import torch
 import xxhash
 from PIL import Image
@@ -53,11 +54,32 @@ class ProcessedImage:
 
 
 def image_digest(image: Image.Image) -> bytes:
-    # A cache key, not a security boundary: XXH3-128 hashes a 448x448 image in about 0.01 ms,
-    # against 0.3 ms for SHA-1, and every copy of a group's image is hashed.
+    """A content key for ``image``: mode, size, palette and every byte of pixel storage.
+
+    A cache key, not a security boundary (XXH3-128). Every copy of a group's image is hashed, so
+    the pixels are read where Pillow keeps them, through its Arrow export (zero-copy), not through
+    ``tobytes()``, which repacks them into a fresh buffer: 0.08 against 0.23 ms for a 448x448 RGB
+    image, and hundreds of episodes hash their prompt image at once when a batch starts. The
+    storage of an RGB pixel has a fourth, unused byte that some Pillow operations set differently
+    (``resize`` leaves 0, a decoded PNG has 255): two such images with equal pixels get different
+    keys and are processed once each, never confused. Images Pillow cannot export (rows in more
+    than one block, Pillow older than 11.2) are hashed through ``tobytes()``.
+    """
     digest = xxhash.xxh3_128()
     digest.update(f"{image.mode}:{image.size}".encode())
-    digest.update(image.tobytes())
+    if image.mode in ("P", "PA"):  # the pixels are palette indices
+        digest.update(bytes(image.getpalette() or ()))
+    try:
+        # Validity bitmaps are absent (a PIL image has no nulls); the last buffer is the pixels.
+        buffers = pyarrow.array(image).buffers()
+    except (TypeError, ValueError, pyarrow.ArrowException):
+        digest.update(b"packed:")
+        digest.update(image.tobytes())
+    else:
+        digest.update(b"stored:")
+        for buffer in buffers:
+            if buffer is not None:
+                digest.update(buffer)
     return digest.digest()
 
 

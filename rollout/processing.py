@@ -106,20 +106,23 @@ class Processing:
         A run holding one pad (what chat templates render) is expanded; a run already holding the
         expected count is kept; any other length, or a different number of images, is an error.
         """
+        # Runs of a processor's size are hundreds of pads: jump between them with list.index and
+        # copy slices (this runs on the rollout's threads for every prompt and observation).
+        start, pad = self.vision_start_id, self.image_pad_id
         out: list[int] = []
-        image = 0
-        i = 0
+        image = position = 0
         n = len(ids)
-        while i < n:
-            token = ids[i]
-            out.append(token)
-            i += 1
-            if token != self.vision_start_id or i >= n or ids[i] != self.image_pad_id:
+        while True:
+            try:
+                run_start = ids.index(start, position) + 1
+            except ValueError:
+                break
+            out += ids[position:run_start]
+            position = run_start
+            if run_start >= n or ids[run_start] != pad:
                 continue
-            run_end = i
-            while run_end < n and ids[run_end] == self.image_pad_id:
-                run_end += 1
-            run = run_end - i
+            run_end = _run_end(ids, run_start, pad)
+            run = run_end - run_start
             if image >= len(pad_counts):
                 raise ImagePadMismatch(f"the text has more image placeholders than the {len(pad_counts)} images given")
             expected = pad_counts[image]
@@ -128,26 +131,39 @@ class Processing:
                     f"image {image} has a run of {run} <|image_pad|> tokens; expected 1 (to expand) or {expected} "
                     "(the processor's count for this image)"
                 )
-            out.extend([self.image_pad_id] * expected)
+            out += [pad] * expected
             image += 1
-            i = run_end
+            position = run_end
+        out += ids[position:]
         if image != len(pad_counts):
             raise ImagePadMismatch(f"the text has {image} image placeholders but {len(pad_counts)} images were given")
         return out
 
     def compress_image_pads(self, ids: list[int]) -> list[int]:
         """The inverse of expansion: every pad run reduced to one pad (SGLang expands it itself)."""
+        pad = self.image_pad_id
         out: list[int] = []
-        previous = None
-        for token in ids:
-            if token == self.image_pad_id and previous == self.image_pad_id:
-                continue
-            out.append(token)
-            previous = token
+        position = 0
+        while True:
+            try:
+                run_start = ids.index(pad, position)
+            except ValueError:
+                break
+            out += ids[position : run_start + 1]
+            position = _run_end(ids, run_start + 1, pad)
+        out += ids[position:]
         return out
 
     def count_image_pads(self, ids: list[int]) -> int:
-        return sum(1 for token in ids if token == self.image_pad_id)
+        return ids.count(self.image_pad_id)
+
+
+def _run_end(ids: list[int], position: int, token: int) -> int:
+    """The index after the run of ``token`` that continues from ``position``."""
+    n = len(ids)
+    while position < n and ids[position] == token:
+        position += 1
+    return position
 
 
 class ProcessingCache:

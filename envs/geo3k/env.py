@@ -180,13 +180,18 @@ class Geo3kEnv(BaseInteractionEnv):
         self.label = label
         self.settings = settings or Geo3kSettings()
         self.role = self.settings.feedback_role
-        self.tools: list[dict[str, Any]] = copy.deepcopy(TOOLS)
         self._grader = grader if grader is not None else get_default_grader()
         # Workers start now, while the model generates its first turn.
         self._grader.start()
         self.outcome = Geo3kOutcome()
         self.turn = 0
         self.done = False
+
+    @property
+    def tools(self) -> list[dict[str, Any]]:
+        """The tool schemas (OpenAI format), a fresh copy: a caller may edit it without touching any
+        other env's. Built on access, not per env: hundreds of envs start at once and few ask."""
+        return copy.deepcopy(TOOLS)
 
     # -- protocol --------------------------------------------------------------------------------
 

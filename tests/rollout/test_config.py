@@ -65,6 +65,21 @@ def test_args_without_yaml_use_known_keys_and_defaults():
     assert config.request_max_retries == 3
 
 
+
+def test_args_read_again_see_every_change():
+    """Settings read from the same args object are remembered, but never past a change to it."""
+    args = argparse.Namespace(max_turns=5)
+    first = RolloutConfig.from_args(args)
+    assert RolloutConfig.from_args(args) is first
+    args.max_turns = 2
+    assert RolloutConfig.from_args(args).max_turns == 2
+    args.image_token_mode = "expandd"
+    with pytest.raises(ConfigError, match="did you mean|Did you mean"):
+        RolloutConfig.from_args(args)
+    del args.image_token_mode
+    assert RolloutConfig.from_args(args).image_token_mode == "single_pad"
+    assert RolloutConfig.from_args(argparse.Namespace(max_turns=7)).max_turns == 7
+
 def test_yaml_is_reparsed_when_the_file_changes(tmp_path):
     import os
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import pyarrow
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -50,6 +51,41 @@ def test_digest_depends_on_pixels_mode_and_size():
     flat = Image.new("RGB", (4, 2), (0, 0, 0))
     assert image_digest(flat) != image_digest(Image.new("RGB", (2, 4), (0, 0, 0)))
 
+
+
+def test_digest_of_a_palette_image_covers_its_palette():
+    red, blue = Image.new("P", (4, 4), 0), Image.new("P", (4, 4), 0)
+    red.putpalette([255, 0, 0] * 256)
+    blue.putpalette([0, 0, 255] * 256)
+    assert red.tobytes() == blue.tobytes()  # same indices...
+    assert image_digest(red) != image_digest(blue)  # ...different pictures
+
+
+def test_digest_of_an_image_stored_in_several_blocks():
+    """Pillow cannot export rows spread over several memory blocks; those are hashed repacked."""
+    block_size = Image.core.get_block_size()
+    Image.core.set_block_size(4096)
+    try:
+        split, same, changed = diagram(112), diagram(112), diagram(112)
+        changed.putpixel((100, 100), (1, 2, 3))
+    finally:
+        Image.core.set_block_size(block_size)
+    with pytest.raises(ValueError, match="contiguous"):
+        pyarrow.array(split)
+    assert image_digest(split) == image_digest(same)
+    assert image_digest(split) != image_digest(changed)
+
+
+def test_equal_pixels_in_different_storage_are_never_confused(qwen25_processing, fresh_cache):
+    """``resize`` leaves an RGB pixel's unused storage byte at 0 where a decoded image has 255:
+    the two may get two cache entries (each processed), and each gets its own correct tensors."""
+    resized = diagram(224).resize((112, 112))
+    rebuilt = Image.frombytes("RGB", resized.size, resized.tobytes())
+    first, second = fresh_cache.get(qwen25_processing, resized), fresh_cache.get(qwen25_processing, rebuilt)
+    expected = qwen25_processing.process_images([rebuilt])["pixel_values"]
+    assert first.tensors.result().pixel_values.equal(expected)
+    assert second.tensors.result().pixel_values.equal(expected)
+    assert fresh_cache.get(qwen25_processing, rebuilt.copy()) is second
 
 async def test_first_request_does_not_wait_for_image_processing(qwen25_processing, fresh_cache):
     """The request goes out with the predicted pad count while the processor is still blocked;
