@@ -28,8 +28,9 @@ connections, as in a training run that rolls out batch after batch from one even
 (``--cold``: one group only).
 
 Scenarios: ``clean`` (all answers gradable) and ``hostile`` (every 16th multi-turn episode first
-answers ``\\boxed{9!!!!!}``, which sympy grinds on until the grader times out and replaces its
-worker process; ``--hostile-answer`` picks another). Grading uses 4 worker processes and a 1 s timeout (``--grader-workers``,
+answers ``\\boxed{9!!!!!}``, which sympy grinds on until the worker stops it at the timeout;
+``--hostile-answer`` picks another). Grading uses 4 worker processes, up to 8 while some are stuck
+on slow answers, and a 1 s timeout (``--grader-workers``, ``--grader-max-workers``,
 ``--grading-timeout``). ``--quick``: 8 prompts, 50-120 tokens per turn at 5 ms per token.
 
     python bench/rollout_concurrency.py [--quick] [--prompts 64] [--samples 8] [--ms-per-token 10]
@@ -856,6 +857,7 @@ def analyse(workload: Workload, records: list[list[Any]], outs, done_at, started
 async def run_scenario(
     name: str, workload: Workload, grading_timeout_s: float, warm_batch: bool
 ) -> dict[str, Any]:
+    from envs.grading import get_default_grader
     from rollout.runtime import default_runtime
 
     settings = workload.settings
@@ -881,6 +883,7 @@ async def run_scenario(
         rss_before = vm_rss_mb()
         probes = Probes()
         gc_watch = GcWatch()
+        workers_before = len(get_default_grader().worker_pids())
         started = time.monotonic()
         try:
             outs, done_at = await run_batch(samples, args, settings.samples)
@@ -911,6 +914,7 @@ async def run_scenario(
         "ideal_s": ideal,
         "wall_over_ideal": wall / ideal,
         "ideal_with_grading_timeouts_s": workload.ideal_s(grading_timeout_s) if hostile else ideal,
+        "grading_workers_before_after": [workers_before, len(get_default_grader().worker_pids())],
         "cpu_s": (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
         "loop_thread_cpu_s": loop_cpu,
         **probes.report(),
@@ -985,6 +989,8 @@ def print_report(settings: Settings, results: list[dict[str, Any]], config: dict
             print(
                 f"ideal including one grading timeout per hostile episode: {r['ideal_with_grading_timeouts_s']:.2f} s"
             )
+        before, after = r["grading_workers_before_after"]
+        print(f"grading workers at the start / end of the timed batch: {before} / {after}")
     for r in results:
         gcs = r["gc_by_generation"]
         print(
@@ -1023,6 +1029,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grading-timeout", type=float, default=1.0, help="env grading_timeout_s (seconds)")
     parser.add_argument("--grader-workers", type=int, default=4)
     parser.add_argument("--grader-spares", type=int, default=1, help="Grader spare_workers")
+    parser.add_argument("--grader-max-workers", type=int, default=None,
+                        help="Grader max_workers (default: twice --grader-workers)")  # fmt: skip
     parser.add_argument("--grader-niceness", type=int, default=10, help="Grader niceness")
     parser.add_argument("--scenarios", default="clean,hostile")
     parser.add_argument("--hostile-answer", default=HOSTILE_ANSWER, help="what hostile episodes answer first")
@@ -1052,6 +1060,7 @@ def main(argv: list[str] | None = None) -> None:
         timeout_s=opts.grading_timeout,
         spare_workers=opts.grader_spares,
         niceness=opts.grader_niceness,
+        max_workers=opts.grader_max_workers,
     )
     set_default_grader(grader)
     grader.wait_ready()
@@ -1073,8 +1082,8 @@ def main(argv: list[str] | None = None) -> None:
         "engine": f"{settings.ms_per_token:g} ms per generated token, every request served concurrently",
         "turns": "solved at turn 1 / 2 / all three turns: " + " / ".join(f"{w:.0%}" for w in TURN_WEIGHTS),
         "prompts": "rendered geo3k problems, one 448x448 diagram each, tokenizer tiny-qwen2.5-vl",
-        "grading": f"{opts.grader_workers} worker processes + {opts.grader_spares} spare, niceness "
-        f"{opts.grader_niceness}, timeout {opts.grading_timeout:g} s",
+        "grading": f"{opts.grader_workers} worker processes (at most {grader.max_workers} while some are "
+        f"slow) + {opts.grader_spares} spare, niceness {opts.grader_niceness}, timeout {opts.grading_timeout:g} s",
         "hostile": f"every {opts.hostile_every}th multi-turn episode answers {opts.hostile_answer} at turn 1",
     }
     print_report(settings, results, config)

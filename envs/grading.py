@@ -455,6 +455,9 @@ class _Worker:
         self.process.start()
         child_conn.close()
         self.ready = False
+        # When the answer it is grading was handed over (None while idle): a worker that has
+        # spent the grader's slow_answer_s on one answer no longer counts toward the pool.
+        self.busy_since: float | None = None
         # Grader.wait_ready and a grading call may wait for the same starting worker; only one
         # of them may read its "ready" message, or the other would read a grading reply.
         self._ready_lock = threading.Lock()
@@ -501,6 +504,13 @@ class Grader:
     second importing sympy while answers queue. ``niceness`` lowers the workers' CPU priority
     (``os.nice``), so that answers that burn a core until their timeout slow the caller's threads
     as little as possible.
+
+    A worker that has spent ``slow_answer_s`` on one answer stops counting toward ``workers``:
+    when callers wait for a worker while some are stuck like that, the pool grows (a started spare
+    first), up to ``max_workers`` in all, so that ordinary answers (milliseconds) do not queue for
+    seconds behind answers that run into their timeout. The pool keeps what it grew to (an idle
+    worker costs memory, not CPU; one started for every burst of slow answers would cost a sympy
+    import each time).
     """
 
     def __init__(
@@ -514,6 +524,8 @@ class Grader:
         max_answer_chars: int = 1000,
         spare_workers: int = 1,
         niceness: int = 10,
+        max_workers: int | None = None,
+        slow_answer_s: float = 0.25,
     ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"Grader workers must be an integer >= 1, got {workers!r}")
@@ -521,8 +533,12 @@ class Grader:
             raise ValueError(f"Grader spare_workers must be an integer >= 0, got {spare_workers!r}")
         if not isinstance(niceness, int) or isinstance(niceness, bool) or not 0 <= niceness <= 19:
             raise ValueError(f"Grader niceness must be an integer in [0, 19], got {niceness!r}")
+        max_workers = 2 * workers if max_workers is None else max_workers
+        if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < workers:
+            raise ValueError(f"Grader max_workers must be an integer >= workers ({workers}), got {max_workers!r}")
         _check_timeout("timeout_s", timeout_s)
         _check_timeout("wait_timeout_s", wait_timeout_s)
+        _check_timeout("slow_answer_s", slow_answer_s)
         if start_method not in ("spawn", "forkserver"):
             raise ValueError(
                 f"Grader start_method must be 'spawn' or 'forkserver', got {start_method!r} "
@@ -536,6 +552,8 @@ class Grader:
         self.max_answer_chars = max_answer_chars
         self.spare_workers = spare_workers
         self.niceness = niceness
+        self.max_workers = max_workers
+        self.slow_answer_s = float(slow_answer_s)
         self._ctx = multiprocessing.get_context(start_method)
         self._lock = threading.Lock()
         self._idle: queue.Queue[_Worker] = queue.Queue()
@@ -555,8 +573,7 @@ class Grader:
                 return self
             self._started = True
             atexit.register(self.close)
-            for _ in range(self.workers):
-                self._spawn_locked()
+            self._top_up_locked()
         return self
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
@@ -597,7 +614,7 @@ class Grader:
         return self._closed
 
     def worker_pids(self) -> list[int]:
-        """Process ids of the current workers (for monitoring and tests)."""
+        """Process ids of the current workers, slow ones included (for monitoring and tests)."""
         with self._lock:
             return [w.process.pid for w in self._all if w.process.pid is not None]
 
@@ -656,7 +673,8 @@ class Grader:
                     else f"no grading worker free within {self.wait_timeout_s:g} s",
                 )
             received = False
-            deadline = time.monotonic() + timeout + KILL_GRACE_S
+            worker.busy_since = time.monotonic()
+            deadline = worker.busy_since + timeout + KILL_GRACE_S
             try:
                 worker.conn.send((prepared, gold, timeout))
                 if worker.conn.poll(timeout + KILL_GRACE_S):
@@ -693,14 +711,44 @@ class Grader:
         while len(self._spares) < self.spare_workers:
             self._spares.append(self._new_worker())
 
+    def _slow_locked(self, now: float) -> int:
+        """Workers that have spent ``slow_answer_s`` or more on their current answer."""
+        return sum(1 for w in self._all if w.busy_since is not None and now - w.busy_since >= self.slow_answer_s)
+
+    def _top_up_locked(self) -> None:
+        """Spawn until ``workers`` are not slow (or ``max_workers`` are running)."""
+        now = time.monotonic()
+        while len(self._all) - self._slow_locked(now) < self.workers and len(self._all) < self.max_workers:
+            self._spawn_locked()
+
+    def _grow(self) -> float:
+        """Top the pool up for a caller that found no idle worker; returns how long that caller
+        may wait before a busy worker turns slow and the pool could grow again."""
+        with self._lock:
+            if self._closed:
+                return 0.0
+            self._top_up_locked()
+            if len(self._all) >= self.max_workers:
+                return math.inf
+            now = time.monotonic()
+            starts = [w.busy_since for w in self._all if w.busy_since is not None]
+            slow_at = [start + self.slow_answer_s for start in starts if now - start < self.slow_answer_s]
+            return max(0.001, min(slow_at) - now) if slow_at else math.inf
+
     def _acquire(self, deadline: float) -> _Worker | None:
         # Consecutive workers found dead while starting; a few in a row means they cannot start.
         dead_on_start = 0
         while not self._closed:
             try:
-                worker = self._idle.get(timeout=max(0.0, deadline - time.monotonic()))
+                worker = self._idle.get_nowait()
             except queue.Empty:
-                return None
+                regrow_in = self._grow()
+                try:
+                    worker = self._idle.get(timeout=max(0.0, min(deadline - time.monotonic(), regrow_in)))
+                except queue.Empty:
+                    if time.monotonic() >= deadline:
+                        return None
+                    continue
             try:
                 if worker.wait_ready(deadline - time.monotonic()):
                     if not worker.process.is_alive():
@@ -718,6 +766,7 @@ class Grader:
         return None
 
     def _release(self, worker: _Worker) -> None:
+        worker.busy_since = None
         with self._lock:
             if worker in self._all:
                 self._idle.put(worker)
@@ -729,7 +778,7 @@ class Grader:
         with self._lock:
             self._all.discard(worker)
             if not self._closed:
-                self._spawn_locked()
+                self._top_up_locked()
 
 
 def _check_timeout(name: str, value: Any) -> float:

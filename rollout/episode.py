@@ -124,7 +124,7 @@ async def run_episode(ctx: EpisodeContext, args: Any, sample: Any, sampling_para
     if state is None:
         state = _State(trajectory=Trajectory(prompt_ids=[]), request_ids=[])
     try:
-        await asyncio.gather(*(asyncio.wrap_future(entry.tensors) for entry in state.entries))
+        await _tensors_ready(state.entries)
     except Exception as exc:
         # Without its pixel_values a trajectory holding image pads cannot go through a forward pass.
         status, reason = "FAILED", f"image processing failed: {type(exc).__name__}: {exc}"
@@ -132,6 +132,17 @@ async def run_episode(ctx: EpisodeContext, args: Any, sample: Any, sampling_para
     train_inputs = await loop.run_in_executor(ctx.prep_executor, _train_inputs, state)
     _finish(ctx, args, sample, state, env, status_enum, status, reason, train_inputs)
     return sample
+
+
+async def _tensors_ready(entries: list[ProcessedImage]) -> None:
+    """Wait for the images' background processing; raises its error, if any. Tensors that are
+    already there (the usual case) are not waited for: wrapping a finished future still costs a
+    wake-up through the event loop's self-pipe, hundreds of times when a batch finishes."""
+    pending = [asyncio.wrap_future(entry.tensors) for entry in entries if not entry.tensors.done()]
+    if pending:
+        await asyncio.gather(*pending)
+    for entry in entries:
+        entry.tensors.result()
 
 
 def _encode_prompt(ctx: EpisodeContext, sample: Any) -> _State:

@@ -414,6 +414,49 @@ def test_no_spares_when_asked_for_none() -> None:
         assert grader.worker_pids() != [worker]
 
 
+
+def _grade_in_thread(grader: Grader, answer: str, label: str, results: list) -> threading.Thread:
+    thread = threading.Thread(target=lambda: results.append(grader.grade(answer, label).status), daemon=True)
+    thread.start()
+    return thread
+
+
+def test_answers_do_not_queue_behind_a_slow_one() -> None:
+    """While the only worker is stuck on one answer (SIGSTOP: it neither grades nor times out),
+    the pool grows by its started spare for the next answer, and keeps both workers afterwards."""
+    with Grader(workers=1, spare_workers=1, timeout_s=10.0, slow_answer_s=0.2) as grader:
+        grader.wait_ready()
+        (stuck,) = grader.worker_pids()
+        os.kill(stuck, signal.SIGSTOP)
+        slow: list[GradeStatus] = []
+        slow_thread = _grade_in_thread(grader, "3", "3", slow)
+        time.sleep(0.4)  # longer than slow_answer_s: the stuck worker no longer counts
+        assert grader.grade("4", "4").status is GradeStatus.CORRECT
+        assert slow_thread.is_alive(), "the second answer should not have waited for the first"
+        assert len(grader.worker_pids()) == 2
+        os.kill(stuck, signal.SIGCONT)
+        slow_thread.join(MARGIN_S)
+        assert slow == [GradeStatus.CORRECT]
+        # A new spare started when the old one joined; both workers stay (max_workers 2).
+        assert stuck in grader.worker_pids() and len(grader.worker_pids()) == 2
+        assert len(grader.spare_pids()) == 1
+        assert [grader.grade(str(n), str(n)).status for n in range(4)] == [GradeStatus.CORRECT] * 4
+
+
+def test_a_pool_at_max_workers_does_not_grow() -> None:
+    with Grader(workers=1, spare_workers=1, timeout_s=10.0, slow_answer_s=0.2, max_workers=1) as grader:
+        grader.wait_ready()
+        (stuck,) = grader.worker_pids()
+        os.kill(stuck, signal.SIGSTOP)
+        order: list[GradeStatus] = []
+        slow_thread = _grade_in_thread(grader, "3", "3", order)
+        time.sleep(0.4)
+        threading.Timer(0.5, os.kill, (stuck, signal.SIGCONT)).start()
+        order.append(grader.grade("4", "5").status)
+        slow_thread.join(MARGIN_S)
+        assert order == [GradeStatus.CORRECT, GradeStatus.INCORRECT]  # the second waited for the first
+        assert grader.worker_pids() == [stuck]
+
 def test_workers_and_spares_run_at_the_lower_priority() -> None:
     base = os.getpriority(os.PRIO_PROCESS, 0)
     with Grader(workers=1, spare_workers=1, niceness=7) as grader:
@@ -431,6 +474,8 @@ def test_workers_and_spares_run_at_the_lower_priority() -> None:
         ({"workers": 0}, "Grader workers must be an integer >= 1, got 0"),
         ({"spare_workers": -1}, "Grader spare_workers must be an integer >= 0, got -1"),
         ({"niceness": 20}, "Grader niceness must be an integer in [0, 19], got 20"),
+        ({"workers": 3, "max_workers": 2}, "Grader max_workers must be an integer >= workers (3), got 2"),
+        ({"slow_answer_s": -1}, "slow_answer_s must be a positive number of seconds, got -1"),
         ({"timeout_s": 0}, "timeout_s must be a positive number of seconds, got 0"),
         ({"wait_timeout_s": float("inf")}, "wait_timeout_s must be a positive number of seconds, got inf"),
         (
