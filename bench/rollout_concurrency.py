@@ -639,15 +639,20 @@ class StallTicker:
     def __init__(self, interval_s: float = 0.005) -> None:
         self.interval_s = interval_s
         self.samples: list[tuple[float, float]] = []  # (monotonic time of wake-up, overshoot s)
+        # CPU time the loop thread used between the previous wake-up and this one: near the
+        # stall's length when the loop was busy, near zero when it was descheduled or waiting.
+        self.cpu_s: list[float] = []
         self.last_wake: float | None = None
         self._task: asyncio.Task | None = None
 
     async def _run(self) -> None:
         while True:
             started = self.last_wake = time.monotonic()
+            cpu = time.thread_time()
             await asyncio.sleep(self.interval_s)
             now = time.monotonic()
             self.samples.append((now, now - started - self.interval_s))
+            self.cpu_s.append(time.thread_time() - cpu)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -737,12 +742,9 @@ class GcWatch:
             self._gc.callbacks.remove(self._callback)
 
     def report(
-        self,
-        stall_samples: list[tuple[float, float]],
-        started: float,
-        sampler: StallSampler | None = None,
-        threshold_ms: float = 20.0,
+        self, ticker: StallTicker, started: float, sampler: StallSampler | None = None, threshold_ms: float = 20.0
     ) -> dict[str, Any]:
+        stall_samples = ticker.samples
         by_gen: dict[str, dict[str, float]] = {}
         for gen in (0, 1, 2):
             times = [p[1] for p in self.pauses if p[2] == gen]
@@ -752,17 +754,19 @@ class GcWatch:
         long_stalls = [(at - over, at) for at, over in stall_samples if over * 1e3 > threshold_ms]
         explained = sum(1 for lo, hi in long_stalls if any(lo <= p[0] <= hi and p[1] * 1e3 > threshold_ms / 2
                                                              for p in self.pauses))  # fmt: skip
-        worst = sorted(stall_samples, key=lambda sample: -sample[1])[:5]
+        worst = sorted(range(len(stall_samples)), key=lambda i: -stall_samples[i][1])[:5]
         worst_stalls = [
             {
                 "at_s": round(at - over - started, 3),
                 "ms": round(over * 1e3, 1),
+                "loop_thread_cpu_ms": round(ticker.cpu_s[i] * 1e3, 1),
                 "collections": [
                     f"gen{p[2]} {p[1] * 1e3:.1f} ms" for p in self.pauses if at - over - 0.005 <= p[0] <= at
                 ],
                 "loop_thread_stacks": sampler.during(at - over - 0.005, at) if sampler else [],
             }
-            for at, over in worst
+            for i in worst
+            for at, over in [stall_samples[i]]
         ]
         return {"gc_by_generation": by_gen, "stalls_over_threshold": len(long_stalls),
                 "stalls_with_a_long_collection": explained, "worst_stalls": worst_stalls}  # fmt: skip
@@ -922,7 +926,7 @@ async def run_scenario(
         "loop_stall_ms": percentiles(ticker.stalls_ms()),
         "loop_stall_ms_after_all_started": percentiles(ticker.stalls_ms(after=steady_after)),
         "stalls_over_20ms": sum(1 for s in ticker.stalls_ms() if s > 20),
-        **gc_watch.report(ticker.samples, started, sampler),
+        **gc_watch.report(ticker, started, sampler),
         "load_average_before_after": [load_before, load_average()],
         **check_against_plan(workload, outs),
         **analysis,
@@ -998,8 +1002,9 @@ def print_report(settings: Settings, results: list[dict[str, Any]], config: dict
             f"gen1 {gcs['1']['count']}, {gcs['1']['max_ms']:.1f}; gen2 {gcs['2']['count']}, {gcs['2']['max_ms']:.1f}; "
             f"{r['stalls_with_a_long_collection']} of {r['stalls_over_threshold']} stalls over 20 ms contain one"
         )
-        print(f"{r['scenario']}: worst stalls (s after the start, ms, collections inside):", "; ".join(
-            f"{w['at_s']:.2f} s {w['ms']:.0f} ms [{_collections(w['collections'])}]" for w in r["worst_stalls"]))  # fmt: skip
+        print(f"{r['scenario']}: worst stalls (s after the start, length, collections inside):", "; ".join(
+            f"{w['at_s']:.2f} s {w['ms']:.0f} ms (loop thread on CPU {w['loop_thread_cpu_ms']:.0f} ms) "
+            f"[{_collections(w['collections'])}]" for w in r["worst_stalls"]))  # fmt: skip
         for w in r["worst_stalls"]:
             if w["loop_thread_stacks"]:
                 print(f"  {w['at_s']:.2f} s, the loop thread was in: " + " | ".join(w["loop_thread_stacks"]))
