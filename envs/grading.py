@@ -443,6 +443,10 @@ class _WorkerGone(Exception):
     pass
 
 
+class _NoWorker(Exception):
+    """No worker can be had for a reason other than a busy pool; the message says which."""
+
+
 class _Worker:
     def __init__(self, ctx: Any, memory_limit_mb: int | None, niceness: int = 0) -> None:
         self.conn, child_conn = ctx.Pipe(duplex=True)
@@ -664,7 +668,10 @@ class Grader:
         # acknowledge each job before grading it, so a death before the acknowledgement is not the
         # answer's fault: the answer goes to a fresh worker (once). A death after it is a crash.
         for attempt in range(2):
-            worker = self._acquire(started + self.wait_timeout_s)
+            try:
+                worker = self._acquire(started + self.wait_timeout_s)
+            except _NoWorker as exc:
+                return result(GradeStatus.UNAVAILABLE, detail=str(exc))
             if worker is None:
                 return result(
                     GradeStatus.UNAVAILABLE,
@@ -762,7 +769,7 @@ class Grader:
                 dead_on_start += 1
                 if dead_on_start >= 3:
                     logger.error("grading workers exit while starting; see their stderr above")
-                    return None
+                    raise _NoWorker("grading workers exit while starting (their error is on stderr)") from None
         return None
 
     def _release(self, worker: _Worker) -> None:

@@ -496,3 +496,26 @@ def test_wrong_argument_types_are_programming_errors(grader: Grader) -> None:
         grader.grade(3, "3")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout_s must be a positive number of seconds, got -1"):
         grader.grade("3", "3", timeout_s=-1)
+
+
+def test_workers_that_cannot_start_are_reported_as_such(tmp_path: Path) -> None:
+    """A script read from stdin cannot be re-imported by spawned workers, so every worker dies
+    while starting: the answer is UNAVAILABLE at once, and the detail says why, not "busy"."""
+    script = textwrap.dedent(
+        """
+        import time
+        from envs.grading import Grader
+        with Grader(workers=1, spare_workers=0) as grader:
+            started = time.monotonic()
+            result = grader.grade("3", "3")
+            print(result.status.name, "|", result.detail, "|", round(time.monotonic() - started))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    status, detail, seconds = (part.strip() for part in out.stdout.strip().splitlines()[-1].split("|"))
+    assert (status, detail) == ("UNAVAILABLE", "grading workers exit while starting (their error is on stderr)")
+    assert int(seconds) < 60  # not the 120 s wait for a free worker

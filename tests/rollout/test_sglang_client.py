@@ -220,3 +220,48 @@ async def test_full_episode_over_http_sends_each_image_encoded_once(serve, qwen2
     assert fake.requests[0]["image_data"] == fake.requests[1]["image_data"]
     # single_pad mode (the default): one pad per image in every request
     assert fake.requests[1]["input_ids"].count(qwen25_processing.image_pad_id) == 1
+
+
+def _http_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "sglang-http" and t.is_alive()]
+
+
+async def test_requests_run_on_the_clients_own_thread_and_close_stops_it(serve):
+    fake, port = await serve([("ok", [5]), ("ok", [6])])
+    before = len(_http_threads())
+    client = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=5, max_retries=0)
+    assert (await client.generate([1], [], {})).token_ids == [5]
+    assert len(_http_threads()) == before + 1
+    await client.close()
+    assert len(_http_threads()) == before
+    # A client used again after close starts over.
+    assert (await client.generate([1], [], {})).token_ids == [6]
+    await client.close()
+    assert len(_http_threads()) == before
+
+
+async def test_cancelling_the_caller_cancels_the_request(serve):
+    """slime cancels generate tasks when it has enough samples: the request must not live on."""
+    fake, port = await serve([("sleep", 3)])  # the server is not told; its handler finishes later
+    client = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=60, max_retries=0)
+    task = asyncio.ensure_future(client.generate([1], [], {}))
+    while not fake.requests:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    loop = client._http.loop()
+    for _ in range(100):  # the cancellation crosses to the client's loop asynchronously
+        pending = asyncio.run_coroutine_threadsafe(_other_tasks(), loop).result(5)
+        if not pending:
+            break
+        await asyncio.sleep(0.01)
+    assert pending == []
+    await client.close()
+
+
+async def _other_tasks() -> list:
+    current = asyncio.current_task()
+    return [t for t in asyncio.all_tasks() if t is not current]
