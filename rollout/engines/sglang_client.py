@@ -16,6 +16,9 @@ other episode waiting. The caller's loop only hands the request over and is woke
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import json
 import threading
 from collections.abc import Coroutine
@@ -38,13 +41,20 @@ _T = TypeVar("_T")
 
 
 class _LoopThread:
-    """An event loop running in a daemon thread, started on first use and stopped by ``stop``."""
+    """An event loop running in a daemon thread, started on first use and stopped by ``stop``.
+
+    Work handed over in one iteration of the caller's loop wakes this loop once: every wake-up is
+    a write to its self-pipe, a system call during which the caller's thread lets go of the GIL,
+    and a busy thread here would then keep the caller waiting for it, once per request.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._inbox: list[tuple[Coroutine[Any, Any, Any], concurrent.futures.Future]] = []
+        self._wake_pending = False
 
     def loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -58,7 +68,27 @@ class _LoopThread:
     async def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Run ``coro`` on the thread's loop and await its result from the calling loop. Cancelling
         the caller cancels the coroutine over there too."""
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop()))
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        loop = self.loop()
+        with self._lock:
+            self._inbox.append((coro, result))
+            wake, self._wake_pending = not self._wake_pending, True
+        if wake:
+            asyncio.get_running_loop().call_soon(loop.call_soon_threadsafe, self._start_inbox)
+        return await asyncio.wrap_future(result)
+
+    def _start_inbox(self) -> None:
+        """On the thread's loop: start everything handed over since the last wake-up."""
+        with self._lock:
+            inbox, self._inbox, self._wake_pending = self._inbox, [], False
+        loop = asyncio.get_running_loop()
+        for coro, result in inbox:
+            if result.cancelled():  # the caller gave up before it started
+                coro.close()
+                continue
+            task = loop.create_task(coro)
+            task.add_done_callback(functools.partial(_copy_outcome, result))
+            result.add_done_callback(functools.partial(_cancel_if_cancelled, loop, task))
 
     def stop(self) -> None:
         with self._lock:
@@ -69,6 +99,22 @@ class _LoopThread:
         thread.join(timeout=5)
         if not thread.is_alive():
             loop.close()
+
+
+def _copy_outcome(result: concurrent.futures.Future, task: asyncio.Task) -> None:
+    # The caller's side may cancel ``result`` at any moment, from its own thread.
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if task.cancelled():
+            result.cancel()
+        elif task.exception() is not None:
+            result.set_exception(task.exception())
+        else:
+            result.set_result(task.result())
+
+
+def _cancel_if_cancelled(loop: asyncio.AbstractEventLoop, task: asyncio.Task, result: concurrent.futures.Future) -> None:
+    if result.cancelled() and not loop.is_closed():
+        loop.call_soon_threadsafe(task.cancel)
 
 
 def _dumps(payload: dict[str, Any]) -> bytes:

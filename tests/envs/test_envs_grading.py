@@ -424,7 +424,7 @@ def _grade_in_thread(grader: Grader, answer: str, label: str, results: list) -> 
 def test_answers_do_not_queue_behind_a_slow_one() -> None:
     """While the only worker is stuck on one answer (SIGSTOP: it neither grades nor times out),
     the pool grows by its started spare for the next answer, and keeps both workers afterwards."""
-    with Grader(workers=1, spare_workers=1, timeout_s=10.0, slow_answer_s=0.2) as grader:
+    with Grader(workers=1, spare_workers=1, timeout_s=10.0, slow_answer_s=0.2, max_workers=2) as grader:
         grader.wait_ready()
         (stuck,) = grader.worker_pids()
         os.kill(stuck, signal.SIGSTOP)
@@ -442,6 +442,12 @@ def test_answers_do_not_queue_behind_a_slow_one() -> None:
         assert len(grader.spare_pids()) == 1
         assert [grader.grade(str(n), str(n)).status for n in range(4)] == [GradeStatus.CORRECT] * 4
 
+
+
+@pytest.mark.parametrize(("cores", "workers", "expected"), [(64, 4, 8), (2, 4, 4), (6, 4, 6), (2, 1, 2), (1, 1, 1)])
+def test_the_pool_grows_to_twice_its_size_but_not_past_the_cores(monkeypatch, cores, workers, expected) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert Grader(workers=workers).max_workers == expected
 
 def test_a_pool_at_max_workers_does_not_grow() -> None:
     with Grader(workers=1, spare_workers=1, timeout_s=10.0, slow_answer_s=0.2, max_workers=1) as grader:
