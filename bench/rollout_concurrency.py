@@ -726,16 +726,20 @@ class GcWatch:
         import gc
 
         self._gc = gc
-        self.pauses: list[tuple[float, float, int, int]] = []  # (start, seconds, generation, collected)
-        self._started = 0.0
+        # (start, seconds, generation, collected, CPU seconds of the collecting thread, its name):
+        # a collection holds the GIL, and one whose thread was off the CPU for part of it (the OS
+        # ran another process) keeps every thread of ours waiting all the same.
+        self.pauses: list[tuple[float, float, int, int, float, str]] = []
+        self._started = (0.0, 0.0)
         gc.callbacks.append(self._callback)
 
     def _callback(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            self._started = time.monotonic()
+            self._started = (time.monotonic(), time.thread_time())
         else:
-            now = time.monotonic()
-            self.pauses.append((self._started, now - self._started, info["generation"], info["collected"]))
+            (wall, cpu), now = self._started, time.monotonic()
+            self.pauses.append((wall, now - wall, info["generation"], info["collected"], time.thread_time() - cpu,
+                                threading.current_thread().name))  # fmt: skip
 
     def close(self) -> None:
         if self._callback in self._gc.callbacks:
@@ -761,7 +765,9 @@ class GcWatch:
                 "ms": round(over * 1e3, 1),
                 "loop_thread_cpu_ms": round(ticker.cpu_s[i] * 1e3, 1),
                 "collections": [
-                    f"gen{p[2]} {p[1] * 1e3:.1f} ms" for p in self.pauses if at - over - 0.005 <= p[0] <= at
+                    f"gen{p[2]} {p[1] * 1e3:.1f} ms" + (f" (CPU {p[4] * 1e3:.1f} ms, {p[5]})" if p[2] else "")
+                    for p in self.pauses
+                    if at - over - 0.005 <= p[0] <= at
                 ],
                 "loop_thread_stacks": sampler.during(at - over - 0.005, at) if sampler else [],
             }
