@@ -29,8 +29,8 @@ connections, as in a training run that rolls out batch after batch from one even
 
 Scenarios: ``clean`` (all answers gradable) and ``hostile`` (every 16th multi-turn episode first
 answers ``\\boxed{9!!!!!}``, which sympy grinds on until the worker stops it at the timeout;
-``--hostile-answer`` picks another). Grading uses 4 worker processes, more while some are stuck
-on slow answers (up to 8, but not past the CPU cores), and a 1 s timeout (``--grader-workers``,
+``--hostile-answer`` picks another). Grading uses 4 worker processes, up to 8 while some are stuck
+on slow answers, and a 1 s timeout (``--grader-workers``,
 ``--grader-max-workers``, ``--grading-timeout``). ``--quick``: 8 prompts, 50-120 tokens per turn at 5 ms per token.
 
     python bench/rollout_concurrency.py [--quick] [--prompts 64] [--samples 8] [--ms-per-token 10]
@@ -1041,7 +1041,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grader-workers", type=int, default=4)
     parser.add_argument("--grader-spares", type=int, default=1, help="Grader spare_workers")
     parser.add_argument("--grader-max-workers", type=int, default=None,
-                        help="Grader max_workers (default: twice --grader-workers, at most the CPU cores)")  # fmt: skip
+                        help="Grader max_workers (default: twice --grader-workers)")  # fmt: skip
     parser.add_argument("--grader-niceness", type=int, default=10, help="Grader niceness")
     parser.add_argument("--scenarios", default="clean,hostile")
     parser.add_argument("--hostile-answer", default=HOSTILE_ANSWER, help="what hostile episodes answer first")

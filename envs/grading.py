@@ -511,9 +511,8 @@ class Grader:
 
     A worker that has spent ``slow_answer_s`` on one answer stops counting toward ``workers``:
     when callers wait for a worker while some are stuck like that, the pool grows (a started spare
-    first), up to ``max_workers`` in all (by default twice ``workers``, but not past the number of
-    CPU cores), so that ordinary answers (milliseconds) do not queue for seconds behind answers
-    that run into their timeout. The pool keeps what it grew to (an idle
+    first), up to ``max_workers`` in all (twice ``workers`` by default), so that ordinary answers
+    (milliseconds) do not queue for seconds behind answers that run into their timeout. The pool keeps what it grew to (an idle
     worker costs memory, not CPU; one started for every burst of slow answers would cost a sympy
     import each time).
     """
@@ -538,10 +537,7 @@ class Grader:
             raise ValueError(f"Grader spare_workers must be an integer >= 0, got {spare_workers!r}")
         if not isinstance(niceness, int) or isinstance(niceness, bool) or not 0 <= niceness <= 19:
             raise ValueError(f"Grader niceness must be an integer in [0, 19], got {niceness!r}")
-        if max_workers is None:
-            # Each worker stuck on a slow answer burns a core: growing past the machine's cores
-            # only takes CPU from the rollout's own threads.
-            max_workers = max(workers, min(2 * workers, os.cpu_count() or 1))
+        max_workers = 2 * workers if max_workers is None else max_workers
         if not isinstance(max_workers, int) or isinstance(max_workers, bool) or max_workers < workers:
             raise ValueError(f"Grader max_workers must be an integer >= workers ({workers}), got {max_workers!r}")
         _check_timeout("timeout_s", timeout_s)
