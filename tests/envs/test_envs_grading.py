@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import signal
@@ -415,22 +416,25 @@ def test_no_spares_when_asked_for_none() -> None:
 
 
 
-def _grade_in_thread(grader: Grader, answer: str, label: str, results: list) -> threading.Thread:
-    thread = threading.Thread(target=lambda: results.append(grader.grade(answer, label).status), daemon=True)
-    thread.start()
-    return thread
-
-
-def test_answers_do_not_queue_behind_a_slow_one() -> None:
-    """While the only worker is stuck on one answer (SIGSTOP: it neither grades nor times out),
-    the pool grows by its started spare for the next answer, and keeps both workers afterwards."""
-    with Grader(workers=1, spare_workers=1, timeout_s=10.0, slow_answer_s=0.2, max_workers=2) as grader:
+@contextlib.contextmanager
+def _stuck_on_first_answer(max_workers: int, results: list):
+    """A one-worker pool whose worker is stopped (SIGSTOP: it neither grades nor times out) while
+    a thread grades "3" against "3" on it; yields (grader, stuck pid, that thread) once the answer
+    has been on the worker longer than slow_answer_s."""
+    with Grader(workers=1, spare_workers=1, timeout_s=10.0, slow_answer_s=0.2, max_workers=max_workers) as grader:
         grader.wait_ready()
         (stuck,) = grader.worker_pids()
         os.kill(stuck, signal.SIGSTOP)
-        slow: list[GradeStatus] = []
-        slow_thread = _grade_in_thread(grader, "3", "3", slow)
-        time.sleep(0.4)  # longer than slow_answer_s: the stuck worker no longer counts
+        thread = threading.Thread(target=lambda: results.append(grader.grade("3", "3").status), daemon=True)
+        thread.start()
+        time.sleep(0.4)
+        yield grader, stuck, thread
+
+
+def test_answers_do_not_queue_behind_a_slow_one() -> None:
+    """The pool grows by its started spare for the next answer, and keeps both workers afterwards."""
+    slow: list[GradeStatus] = []
+    with _stuck_on_first_answer(2, slow) as (grader, stuck, slow_thread):
         assert grader.grade("4", "4").status is GradeStatus.CORRECT
         assert slow_thread.is_alive(), "the second answer should not have waited for the first"
         assert len(grader.worker_pids()) == 2
@@ -443,24 +447,19 @@ def test_answers_do_not_queue_behind_a_slow_one() -> None:
         assert [grader.grade(str(n), str(n)).status for n in range(4)] == [GradeStatus.CORRECT] * 4
 
 
-
 def test_the_pool_grows_to_twice_its_size_by_default() -> None:
     assert (Grader(workers=3).max_workers, Grader(workers=3, max_workers=4).max_workers) == (6, 4)
 
 
 def test_a_pool_at_max_workers_does_not_grow() -> None:
-    with Grader(workers=1, spare_workers=1, timeout_s=10.0, slow_answer_s=0.2, max_workers=1) as grader:
-        grader.wait_ready()
-        (stuck,) = grader.worker_pids()
-        os.kill(stuck, signal.SIGSTOP)
-        order: list[GradeStatus] = []
-        slow_thread = _grade_in_thread(grader, "3", "3", order)
-        time.sleep(0.4)
+    order: list[GradeStatus] = []
+    with _stuck_on_first_answer(1, order) as (grader, stuck, slow_thread):
         threading.Timer(0.5, os.kill, (stuck, signal.SIGCONT)).start()
         order.append(grader.grade("4", "5").status)
         slow_thread.join(MARGIN_S)
         assert order == [GradeStatus.CORRECT, GradeStatus.INCORRECT]  # the second waited for the first
         assert grader.worker_pids() == [stuck]
+
 
 def test_workers_and_spares_run_at_the_lower_priority() -> None:
     base = os.getpriority(os.PRIO_PROCESS, 0)
