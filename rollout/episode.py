@@ -263,11 +263,13 @@ async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> 
         started = time.perf_counter()
         try:
             message = await _call_env(ctx, env.format_observation, observation)
-            inserted = _encode_observation(ctx, message, state)
-            if inserted is None:  # images: process them off the loop
+            encoded = _encode_observation(ctx, message, state)
+            if encoded[0].images:  # image lookup and engine encoding take milliseconds: off the loop
                 inserted = await asyncio.get_running_loop().run_in_executor(
-                    ctx.prep_executor, _encode_observation, ctx, message, state, True
+                    ctx.prep_executor, _observation_insert, ctx, *encoded
                 )
+            else:
+                inserted = _observation_insert(ctx, *encoded)
         except Exception as exc:
             record.error = f"{type(exc).__name__}: {exc}"
             return "FAILED", f"observation at turn {turn} could not be encoded: {exc}"
@@ -298,9 +300,9 @@ def _first_vision_token(processing: Processing, token_ids: list[int]) -> int | N
     return next((i for i, token in enumerate(token_ids) if token in vision), None)
 
 
-def _encode_observation(ctx: EpisodeContext, message: dict[str, Any], state: _State, with_images: bool = False):
-    """The inserted tokens for one observation message, or None when it holds images and
-    ``with_images`` is False (the caller then runs this again off the event loop)."""
+def _encode_observation(ctx: EpisodeContext, message: dict[str, Any], state: _State):
+    """The observation message through the chat template: (encoded message, its token ids, its
+    text), both led by the end-of-turn token the model did not produce, if any."""
     processing = ctx.processing
     tools = getattr(ctx.env_module, "TOOLS", None) if ctx.config.tools_in_prompt else None
     encoded = ctx.encoder.encode_message(message, tools)
@@ -309,12 +311,16 @@ def _encode_observation(ctx: EpisodeContext, message: dict[str, Any], state: _St
     last = state.request_ids[-1] if state.request_ids else None
     end_of_turn = [] if last == processing.eos_token_id else [processing.eos_token_id]
     text = (processing.eos_token if end_of_turn else "") + encoded.text
-    ids = end_of_turn + encoded.token_ids
-    if encoded.images and not with_images:
-        return None
+    return encoded, end_of_turn + encoded.token_ids, text
+
+
+def _observation_insert(ctx: EpisodeContext, encoded: Any, ids: list[int], text: str):
+    """What an encoded observation adds: (trajectory tokens with image pads expanded, its text, its
+    images' cache entries, the tokens the next request gets)."""
+    processing = ctx.processing
     entries = [ctx.image_cache.get(processing, load_image(image)) for image in encoded.images]
     for entry in entries:
-        ctx.image_cache.payload(entry, ctx.engine)  # encode here, off the event loop
+        ctx.image_cache.payload(entry, ctx.engine)  # encoded now, while off the event loop
     expanded = ids
     if entries:
         expanded = processing.expand_image_pads(ids, [entry.pad_count for entry in entries])

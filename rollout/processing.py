@@ -184,7 +184,6 @@ class ProcessingCache:
         return str(hf_checkpoint) in self._items
 
 
-
 def _load(hf_checkpoint: str) -> Processing:
     from models import load_processing
 

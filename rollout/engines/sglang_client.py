@@ -69,13 +69,16 @@ class _LoopThread:
         """Run ``coro`` on the thread's loop and await its result from the calling loop. Cancelling
         the caller cancels the coroutine over there too."""
         result: concurrent.futures.Future = concurrent.futures.Future()
-        loop = self.loop()
         with self._lock:
             self._inbox.append((coro, result))
             wake, self._wake_pending = not self._wake_pending, True
-        if wake:
-            asyncio.get_running_loop().call_soon(loop.call_soon_threadsafe, self._start_inbox)
+        if wake:  # at the end of the caller's iteration, for everything handed over in it
+            asyncio.get_running_loop().call_soon(self._wake)
         return await asyncio.wrap_future(result)
+
+    def _wake(self) -> None:
+        # The loop of now: one stopped since the hand-over is started again, so nothing waits forever.
+        self.loop().call_soon_threadsafe(self._start_inbox)
 
     def _start_inbox(self) -> None:
         """On the thread's loop: start everything handed over since the last wake-up."""
@@ -91,21 +94,31 @@ class _LoopThread:
             result.add_done_callback(functools.partial(_cancel_if_cancelled, loop, task))
 
     def stop(self) -> None:
+        """Cancel what still runs there (its callers get an EngineError), then stop the thread."""
         with self._lock:
             loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
         if loop is None or thread is None:
             return
-        loop.call_soon_threadsafe(loop.stop)
+        asyncio.run_coroutine_threadsafe(_cancel_all_and_stop(), loop)
         thread.join(timeout=5)
         if not thread.is_alive():
             loop.close()
 
 
+async def _cancel_all_and_stop() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    asyncio.get_running_loop().stop()
+
+
 def _copy_outcome(result: concurrent.futures.Future, task: asyncio.Task) -> None:
-    # The caller's side may cancel ``result`` at any moment, from its own thread.
+    # The caller's side may cancel ``result`` at any moment, from its own thread; a task cancelled
+    # over here otherwise was cut short by close().
     with contextlib.suppress(concurrent.futures.InvalidStateError):
         if task.cancelled():
-            result.cancel()
+            result.set_exception(EngineError("the SGLang client was closed during the request", retriable=False))
         elif task.exception() is not None:
             result.set_exception(task.exception())
         else:
@@ -135,7 +148,7 @@ def _loads(data: bytes) -> Any:
 
 
 class SGLangClient:
-    """One client per server URL; sessions (connection pools) are kept per event loop."""
+    """One client per server URL, with one connection pool on its HTTP thread's loop."""
 
     def __init__(
         self,

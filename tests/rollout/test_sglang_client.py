@@ -265,3 +265,23 @@ async def test_cancelling_the_caller_cancels_the_request(serve):
 async def _other_tasks() -> list:
     current = asyncio.current_task()
     return [t for t in asyncio.all_tasks() if t is not current]
+
+
+async def test_closing_the_client_fails_requests_in_flight(serve):
+    """Neither a request on the wire nor one waiting to be retried outlives close(), or hangs."""
+    fake, port = await serve([("sleep", 3), ("status", 500)])
+    on_the_wire = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=60, max_retries=0)
+    retrying = SGLangClient(f"http://127.0.0.1:{port}", timeout_s=60, max_retries=1, backoff_s=60)
+    first = asyncio.ensure_future(on_the_wire.generate([1], [], {}))
+    while len(fake.requests) < 1:
+        await asyncio.sleep(0.01)
+    second = asyncio.ensure_future(retrying.generate([2], [], {}))
+    while len(fake.requests) < 2:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # the 500 arrives; the retry now waits 60 s
+    await on_the_wire.close()
+    await retrying.close()
+    with pytest.raises(EngineError, match="Server disconnected"):
+        await asyncio.wait_for(first, 5)
+    with pytest.raises(EngineError, match="the SGLang client was closed during the request"):
+        await asyncio.wait_for(second, 5)
