@@ -642,17 +642,21 @@ class StallTicker:
         # CPU time the loop thread used between the previous wake-up and this one: near the
         # stall's length when the loop was busy, near zero when it was descheduled or waiting.
         self.cpu_s: list[float] = []
+        # Times the OS took the CPU from the loop thread in that interval (involuntary context
+        # switches): other processes (grading workers) or threads holding the cores.
+        self.preempted: list[int] = []
         self.last_wake: float | None = None
         self._task: asyncio.Task | None = None
 
     async def _run(self) -> None:
         while True:
             started = self.last_wake = time.monotonic()
-            cpu = time.thread_time()
+            cpu, switches = time.thread_time(), _involuntary_switches()
             await asyncio.sleep(self.interval_s)
             now = time.monotonic()
             self.samples.append((now, now - started - self.interval_s))
             self.cpu_s.append(time.thread_time() - cpu)
+            self.preempted.append(_involuntary_switches() - switches)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -665,6 +669,10 @@ class StallTicker:
 
     def stalls_ms(self, after: float = float("-inf")) -> list[float]:
         return [over * 1e3 for at, over in self.samples if at - over - self.interval_s >= after]
+
+
+def _involuntary_switches() -> int:
+    return resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)).ru_nivcsw
 
 
 class StallSampler:
@@ -764,8 +772,10 @@ class GcWatch:
                 "at_s": round(at - over - started, 3),
                 "ms": round(over * 1e3, 1),
                 "loop_thread_cpu_ms": round(ticker.cpu_s[i] * 1e3, 1),
+                "loop_thread_preempted": ticker.preempted[i],
                 "collections": [
-                    f"gen{p[2]} {p[1] * 1e3:.1f} ms" + (f" (CPU {p[4] * 1e3:.1f} ms, {p[5]})" if p[1] > 0.002 else "")
+                    f"gen{p[2]} {p[1] * 1e3:.1f} ms"
+                    + (f" (CPU {p[4] * 1e3:.1f} ms, {p[5]}, {p[3]} freed)" if p[1] > 0.002 else "")
                     for p in self.pauses
                     if at - over - 0.005 <= p[0] <= at
                 ],
@@ -1012,7 +1022,8 @@ def print_report(settings: Settings, results: list[dict[str, Any]], config: dict
             f"{r['stalls_with_a_long_collection']} of {r['stalls_over_threshold']} stalls over 20 ms contain one"
         )
         print(f"{r['scenario']}: worst stalls (s after the start, length, collections inside):", "; ".join(
-            f"{w['at_s']:.2f} s {w['ms']:.0f} ms (loop thread on CPU {w['loop_thread_cpu_ms']:.0f} ms) "
+            f"{w['at_s']:.2f} s {w['ms']:.0f} ms (loop thread on CPU {w['loop_thread_cpu_ms']:.0f} ms, "
+            f"preempted {w['loop_thread_preempted']}x) "
             f"[{_collections(w['collections'])}]" for w in r["worst_stalls"]))  # fmt: skip
         for w in r["worst_stalls"]:
             if w["loop_thread_stacks"]:

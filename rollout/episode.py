@@ -28,6 +28,7 @@ import dataclasses
 import inspect
 import time
 import traceback
+from array import array
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,7 @@ from rollout.engines.base import FINISH_ABORT, FINISH_LENGTH, Engine, EngineErro
 from rollout.image_cache import ProcessedImage, ProcessedImageCache
 from rollout.observation import ObservationEncoder
 from rollout.processing import ImagePadMismatch, Processing
-from rollout.trajectory import Segment, Trajectory
+from rollout.trajectory import Segment, Trajectory, token_array
 
 
 @dataclass
@@ -89,8 +90,8 @@ class _EpisodeEnded(Exception):
 
 @dataclass
 class _State:
-    trajectory: Trajectory
-    request_ids: list[int]
+    trajectory: Trajectory = field(default_factory=Trajectory)
+    request_ids: array = field(default_factory=token_array)  # what the next request sends
     images: list[Any] = field(default_factory=list)  # PIL, token order
     payloads: list[Any] = field(default_factory=list)  # what the engine is sent for each image
     entries: list[ProcessedImage] = field(default_factory=list)  # their tensors, possibly still on the way
@@ -122,13 +123,13 @@ async def run_episode(ctx: EpisodeContext, args: Any, sample: Any, sampling_para
             except Exception as exc:  # a failing close must not lose the episode
                 reason += f" (env.close failed: {exc!r})"
     if state is None:
-        state = _State(trajectory=Trajectory(prompt_ids=[]), request_ids=[])
+        state = _State()
     try:
         await _tensors_ready(state.entries)
     except Exception as exc:
         # Without its pixel_values a trajectory holding image pads cannot go through a forward pass.
         status, reason = "FAILED", f"image processing failed: {type(exc).__name__}: {exc}"
-        state = _State(trajectory=Trajectory(prompt_ids=[]), request_ids=[])
+        state = _State()
     train_inputs = await loop.run_in_executor(ctx.prep_executor, _train_inputs, state)
     _finish(ctx, args, sample, state, env, status_enum, status, reason, train_inputs)
     return sample
@@ -157,7 +158,7 @@ def _encode_prompt(ctx: EpisodeContext, sample: Any) -> _State:
     except Exception as exc:
         raise _EpisodeEnded("FAILED", f"prompt image could not be loaded: {exc}") from None
     rendered = ids = processing.encode_prompt(prompt)
-    state = _State(trajectory=Trajectory(prompt_ids=[]), request_ids=[])
+    state = _State()
     try:
         if images:
             _add_images(ctx, state, images)
@@ -168,10 +169,10 @@ def _encode_prompt(ctx: EpisodeContext, sample: Any) -> _State:
         raise _EpisodeEnded("FAILED", f"prompt: {exc}") from None
     except Exception as exc:  # e.g. an aspect ratio the processor refuses
         raise _EpisodeEnded("FAILED", f"prompt image could not be processed: {type(exc).__name__}: {exc}") from None
-    state.trajectory.prompt_ids = ids
+    state.trajectory.prompt_ids = token_array(ids)
     # Compressing the rendered prompt (a pad or two) gives what compressing the expansion would.
-    state.request_ids = (
-        processing.compress_image_pads(rendered) if ctx.config.image_token_mode == "single_pad" else list(ids)
+    state.request_ids = token_array(
+        processing.compress_image_pads(rendered) if ctx.config.image_token_mode == "single_pad" else ids
     )
     return state
 
@@ -201,7 +202,6 @@ def _budget_left(args: Any, sampling_params: dict[str, Any], trajectory: Traject
 
 
 async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> tuple[str, str]:
-    processing = ctx.processing
     config = ctx.config
     for turn in range(1, config.max_turns + 1):
         record = TurnRecord(turn=turn)
@@ -214,41 +214,11 @@ async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> 
         if caps:
             params["max_new_tokens"] = min(caps)
 
-        started = time.perf_counter()
-        try:
-            result = await ctx.engine.generate(state.request_ids, state.payloads, params)
-        except EngineError as exc:
-            record.error = str(exc)
-            return "FAILED", f"engine: {exc}"
-        finally:
-            record.engine_s = time.perf_counter() - started
-        record.text = result.text
-        record.finish_reason = result.finish_reason
-        record.matched_stop = result.matched_stop
-        record.model_tokens = len(result.token_ids)
-        if left is not None and len(result.token_ids) > left:
-            return "FAILED", f"engine returned {len(result.token_ids)} tokens, more than the {left} requested"
-        vision = _first_vision_token(processing, result.token_ids)
-        if vision is not None:
-            # Keep only what precedes it: even a removed sample goes through the trainer's forward
-            # pass, which would look for image features that do not exist.
-            kept = result.token_ids[:vision]
-            record.model_tokens = len(kept)
-            text = processing.tokenizer.decode(kept, skip_special_tokens=False)
-            state.trajectory.append(Segment(kept, True, text, log_probs=list(result.log_probs[:vision])))
-            return "FAILED", "the model generated vision placeholder tokens"
-        state.trajectory.append(
-            Segment(result.token_ids, True, result.text, log_probs=list(result.log_probs), meta_info=result.meta_info)
-        )
-        state.request_ids.extend(result.token_ids)
-        if result.finish_reason == FINISH_ABORT:
-            return "ABORTED", "the engine aborted the request"
-        if result.finish_reason == FINISH_LENGTH and not _hit_turn_cap_only(config, left, result.token_ids):
-            return "TRUNCATED", f"turn {turn} hit the generation limit"
+        text = await _model_turn(ctx, state, record, params, left)
 
         started = time.perf_counter()
         try:
-            observation, done, info = await _call_env(ctx, env.step, result.text)
+            observation, done, info = await _call_env(ctx, env.step, text)
         except Exception as exc:
             record.error = f"{type(exc).__name__}: {exc}"
             return "FAILED", f"env.step raised at turn {turn}: {traceback.format_exc(limit=5)}"
@@ -286,6 +256,45 @@ async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> 
         record.observation_text = text
         record.observation_images = len(entries)
     return "COMPLETED", "max_turns reached"
+
+
+async def _model_turn(ctx: EpisodeContext, state: _State, record: TurnRecord, params: dict[str, Any], left: int | None) -> str:
+    """One generation: the engine's tokens go onto the trajectory and the next request; returns the
+    text for the env. Raises _EpisodeEnded on an engine error, an abort or a cut generation. The
+    engine's result is dropped on return, so its lists are not held while the env works (see
+    rollout.trajectory for why held ids are arrays)."""
+    processing = ctx.processing
+    started = time.perf_counter()
+    try:
+        result = await ctx.engine.generate(state.request_ids.tolist(), state.payloads, params)
+    except EngineError as exc:
+        record.error = str(exc)
+        raise _EpisodeEnded("FAILED", f"engine: {exc}") from None
+    finally:
+        record.engine_s = time.perf_counter() - started
+    record.text = result.text
+    record.finish_reason = result.finish_reason
+    record.matched_stop = result.matched_stop
+    record.model_tokens = len(result.token_ids)
+    if left is not None and len(result.token_ids) > left:
+        raise _EpisodeEnded("FAILED", f"engine returned {len(result.token_ids)} tokens, more than the {left} requested")
+    vision = _first_vision_token(processing, result.token_ids)
+    if vision is not None:
+        # Keep only what precedes it: even a removed sample goes through the trainer's forward
+        # pass, which would look for image features that do not exist.
+        kept = result.token_ids[:vision]
+        record.model_tokens = len(kept)
+        text = processing.tokenizer.decode(kept, skip_special_tokens=False)
+        state.trajectory.append(Segment(kept, True, text, log_probs=result.log_probs[:vision]))
+        raise _EpisodeEnded("FAILED", "the model generated vision placeholder tokens")
+    segment = Segment(result.token_ids, True, result.text, log_probs=result.log_probs, meta_info=result.meta_info)
+    state.trajectory.append(segment)
+    state.request_ids.extend(segment.tokens)
+    if result.finish_reason == FINISH_ABORT:
+        raise _EpisodeEnded("ABORTED", "the engine aborted the request")
+    if result.finish_reason == FINISH_LENGTH and not _hit_turn_cap_only(ctx.config, left, result.token_ids):
+        raise _EpisodeEnded("TRUNCATED", f"turn {record.turn} hit the generation limit")
+    return result.text
 
 
 def _hit_turn_cap_only(config: RolloutConfig, left: int | None, token_ids: list[int]) -> bool:

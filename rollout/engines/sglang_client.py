@@ -16,9 +16,7 @@ other episode waiting. The caller's loop only hands the request over and is woke
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import functools
 import json
 import threading
 from collections.abc import Coroutine
@@ -46,6 +44,11 @@ class _LoopThread:
     Work handed over in one iteration of the caller's loop wakes this loop once: every wake-up is
     a write to its self-pipe, a system call during which the caller's thread lets go of the GIL,
     and a busy thread here would then keep the caller waiting for it, once per request.
+
+    A hand-over is one :class:`_HandOver` and one future on the caller's loop, not a
+    ``concurrent.futures.Future`` wrapped into an asyncio one: that pair costs about twenty objects
+    (a condition, its lock and bound methods, chaining closures) for every request in flight, all
+    walked by each garbage collection meanwhile, whose pauses stall every thread of the process.
     """
 
     def __init__(self, name: str) -> None:
@@ -53,7 +56,7 @@ class _LoopThread:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._inbox: list[tuple[Coroutine[Any, Any, Any], concurrent.futures.Future]] = []
+        self._inbox: list[_HandOver] = []
         self._wake_pending = False
 
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -68,13 +71,22 @@ class _LoopThread:
     async def run(self, coro: Coroutine[Any, Any, _T]) -> _T:
         """Run ``coro`` on the thread's loop and await its result from the calling loop. Cancelling
         the caller cancels the coroutine over there too."""
-        result: concurrent.futures.Future = concurrent.futures.Future()
+        caller = asyncio.get_running_loop()
+        handover = _HandOver(coro, caller.create_future(), caller)
         with self._lock:
-            self._inbox.append((coro, result))
+            self._inbox.append(handover)
             wake, self._wake_pending = not self._wake_pending, True
         if wake:  # at the end of the caller's iteration, for everything handed over in it
-            asyncio.get_running_loop().call_soon(self._wake)
-        return await asyncio.wrap_future(result)
+            caller.call_soon(self._wake)
+        try:
+            return await handover.result
+        except asyncio.CancelledError:
+            handover.cancelled = True  # one still in the inbox is never started
+            loop = self._loop
+            if loop is not None:
+                with contextlib.suppress(RuntimeError):  # closed meanwhile: nothing runs there
+                    loop.call_soon_threadsafe(handover.cancel)
+            raise
 
     def _wake(self) -> None:
         # The loop of now: one stopped since the hand-over is started again, so nothing waits forever.
@@ -84,14 +96,8 @@ class _LoopThread:
         """On the thread's loop: start everything handed over since the last wake-up."""
         with self._lock:
             inbox, self._inbox, self._wake_pending = self._inbox, [], False
-        loop = asyncio.get_running_loop()
-        for coro, result in inbox:
-            if result.cancelled():  # the caller gave up before it started
-                coro.close()
-                continue
-            task = loop.create_task(coro)
-            task.add_done_callback(functools.partial(_copy_outcome, result))
-            result.add_done_callback(functools.partial(_cancel_if_cancelled, loop, task))
+        for handover in inbox:
+            handover.start()
 
     def stop(self) -> None:
         """Cancel what still runs there (its callers get an EngineError), then stop the thread."""
@@ -105,29 +111,56 @@ class _LoopThread:
             loop.close()
 
 
+class _HandOver:
+    """One coroutine handed to the HTTP thread. ``start`` and ``cancel`` run on that thread's loop,
+    ``result`` belongs to the caller's loop and is only touched there (through
+    ``call_soon_threadsafe``)."""
+
+    __slots__ = ("coro", "result", "caller", "task", "cancelled")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], result: asyncio.Future, caller: asyncio.AbstractEventLoop):
+        self.coro = coro
+        self.result = result
+        self.caller = caller
+        self.task: asyncio.Task | None = None
+        self.cancelled = False
+
+    def start(self) -> None:
+        if self.cancelled:  # the caller gave up before it started
+            self.coro.close()
+            return
+        self.task = asyncio.get_running_loop().create_task(self.coro)
+        self.coro = None
+        self.task.add_done_callback(self._finished)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def _finished(self, task: asyncio.Task) -> None:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is waiting
+            self.caller.call_soon_threadsafe(self._deliver, task)
+
+    def _deliver(self, task: asyncio.Task) -> None:
+        """On the caller's loop. A task cancelled over there without its caller asking was cut
+        short by close()."""
+        if self.result.done():  # the caller was cancelled meanwhile
+            return
+        if task.cancelled():
+            self.result.set_exception(EngineError("the SGLang client was closed during the request", retriable=False))
+        elif task.exception() is not None:
+            self.result.set_exception(task.exception())
+        else:
+            self.result.set_result(task.result())
+
+
 async def _cancel_all_and_stop() -> None:
     tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     asyncio.get_running_loop().stop()
-
-
-def _copy_outcome(result: concurrent.futures.Future, task: asyncio.Task) -> None:
-    # The caller's side may cancel ``result`` at any moment, from its own thread; a task cancelled
-    # over here otherwise was cut short by close().
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
-        if task.cancelled():
-            result.set_exception(EngineError("the SGLang client was closed during the request", retriable=False))
-        elif task.exception() is not None:
-            result.set_exception(task.exception())
-        else:
-            result.set_result(task.result())
-
-
-def _cancel_if_cancelled(loop: asyncio.AbstractEventLoop, task: asyncio.Task, result: concurrent.futures.Future) -> None:
-    if result.cancelled() and not loop.is_closed():
-        loop.call_soon_threadsafe(task.cancel)
 
 
 def _dumps(payload: dict[str, Any]) -> bytes:
@@ -214,8 +247,11 @@ class SGLangClient:
         }
         if images:
             payload["image_data"] = [self.prepare_image(image) for image in images]
-        # The ids are the episode's own list, which it extends after this turn: serialize now.
-        return await self._http.run(self._request(_dumps(payload)))
+        body = _dumps(payload)
+        # Not held for the seconds the request takes: the garbage collector would walk these hundreds
+        # of ids in every collection meanwhile (see rollout.trajectory).
+        del input_ids, payload
+        return await self._http.run(self._request(body))
 
     async def _request(self, body: bytes) -> GenerateResult:
         return parse_generate_response(await self._post_with_retries(body))
