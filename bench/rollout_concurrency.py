@@ -685,6 +685,9 @@ class StallSampler:
         self.threshold_s = threshold_s
         self.interval_s = interval_s
         self.samples: list[tuple[float, str]] = []  # (monotonic time, innermost frames, outermost first)
+        # The other threads of the process at the same moments, minus those parked on a lock, a
+        # queue or a selector: the ones that may hold the GIL the loop thread is waiting for.
+        self.others: list[tuple[float, str]] = []
         self._loop_thread = threading.get_ident()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stall-sampler", daemon=True)
@@ -702,17 +705,27 @@ class StallSampler:
             now = time.monotonic()
             if last is None or now - last < self.threshold_s + self.ticker.interval_s:
                 continue
-            frame = sys._current_frames().get(self._loop_thread)
+            frames = sys._current_frames()
+            frame = frames.pop(self._loop_thread, None)
             if frame is not None:
                 self.samples.append((now, _stack_summary(frame)))
+            names = {thread.ident: thread.name for thread in threading.enumerate()}
+            for ident, other in frames.items():
+                if ident != threading.get_ident() and other.f_code.co_name not in _PARKED:
+                    self.others.append((now, f"{names.get(ident, ident)}: {_stack_summary(other, depth=3)}"))
 
-    def during(self, start: float, end: float) -> list[str]:
-        """The most frequent stacks sampled in [start, end], with their counts."""
+    def during(self, start: float, end: float, others: bool = False) -> list[str]:
+        """The most frequent stacks sampled in [start, end] (the loop thread's, or with ``others``
+        the busy other threads'), with their counts."""
         counts: dict[str, int] = {}
-        for at, stack in self.samples:
+        for at, stack in self.others if others else self.samples:
             if start <= at <= end:
                 counts[stack] = counts.get(stack, 0) + 1
         return [f"{n}x {stack}" for stack, n in sorted(counts.items(), key=lambda item: -item[1])[:3]]
+
+
+# Innermost functions of a thread that waits without running Python code.
+_PARKED = frozenset({"wait", "get", "select", "_wait_for_tstate_lock", "accept", "recv_bytes", "poll", "_recv"})
 
 
 def _stack_summary(frame: Any, depth: int = 4) -> str:
@@ -780,6 +793,7 @@ class GcWatch:
                     if at - over - 0.005 <= p[0] <= at
                 ],
                 "loop_thread_stacks": sampler.during(at - over - 0.005, at) if sampler else [],
+                "other_thread_stacks": sampler.during(at - over - 0.005, at, others=True) if sampler else [],
             }
             for i in worst
             for at, over in [stall_samples[i]]
@@ -1028,6 +1042,8 @@ def print_report(settings: Settings, results: list[dict[str, Any]], config: dict
         for w in r["worst_stalls"]:
             if w["loop_thread_stacks"]:
                 print(f"  {w['at_s']:.2f} s, the loop thread was in: " + " | ".join(w["loop_thread_stacks"]))
+            if w["other_thread_stacks"]:
+                print(f"  {w['at_s']:.2f} s, other threads were in: " + " | ".join(w["other_thread_stacks"]))
     for r in results:
         print(f"\n{r['scenario']}: statuses {r['statuses']}; server errors {r['server_errors'] or 'none'}")
         if r["episodes_matching_plan"] != r["episodes"] or r["server_errors"]:

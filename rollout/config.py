@@ -43,6 +43,7 @@ class RolloutConfig:
     request_retry_backoff_s: float = 1.0
     env_step_threads: int = 64
     gc_freeze_after_load: bool = True
+    gc_pacing: bool = True
 
     def __post_init__(self) -> None:
         _check_type("max_turns", self.max_turns, int)
@@ -72,6 +73,7 @@ class RolloutConfig:
         if self.request_retry_backoff_s < 0:
             raise ConfigError(f"request_retry_backoff_s must be >= 0, got {self.request_retry_backoff_s}")
         _check_type("gc_freeze_after_load", self.gc_freeze_after_load, bool)
+        _check_type("gc_pacing", self.gc_pacing, bool)
         _check_type("env_step_threads", self.env_step_threads, int)
         if self.env_step_threads < 1:
             raise ConfigError(f"env_step_threads must be >= 1, got {self.env_step_threads}")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from rollout.episode import run_episode
@@ -15,8 +16,10 @@ async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], eval
     slime passes each of the n copies of a prompt its own ``sampling_params``, but in evaluation
     one dict is shared, so it is copied before anything changes it.
     """
-    ctx = await default_runtime().context_async(args)
-    return await run_episode(ctx, args, sample, dict(sampling_params))
+    runtime = default_runtime()
+    ctx = await runtime.context_async(args)
+    with runtime.gc_pacer.episode() if ctx.config.gc_pacing else contextlib.nullcontext():
+        return await run_episode(ctx, args, sample, dict(sampling_params))
 
 
 def reward_of(sample: Any) -> float:

@@ -18,6 +18,7 @@ from rollout.config import RolloutConfig
 from rollout.engines.base import Engine
 from rollout.engines.sglang_client import SGLangClient
 from rollout.episode import EpisodeContext
+from rollout.gc_pacing import GcPacer
 from rollout.image_cache import ProcessedImageCache
 from rollout.observation import ObservationEncoder
 from rollout.processing import ProcessingCache
@@ -35,6 +36,7 @@ class RolloutRuntime:
         self._prep_executor = ThreadPoolExecutor(2, thread_name_prefix="rollout-prep")
         self.image_cache = ProcessedImageCache()
         self._gc_frozen = False
+        self.gc_pacer = GcPacer()
         self._lock = threading.Lock()
 
     def context(self, args: Any) -> EpisodeContext:
@@ -99,6 +101,7 @@ class RolloutRuntime:
             await client.close()
 
     def shutdown(self) -> None:
+        self.gc_pacer.close()
         self._prep_executor.shutdown(wait=False, cancel_futures=True)
         self.image_cache.shutdown()
         if self._executor is not None:

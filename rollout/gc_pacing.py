@@ -1,0 +1,128 @@
+"""Short, frequent garbage collections while episodes are in flight, full ones once they are done.
+
+CPython starts a young collection after 700 net allocations of container objects, but every freed
+object counts against that figure, old ones included. With hundreds of episodes in flight, each
+freeing what it made a turn earlier while making more, the young generations grow to tens of
+thousands of objects (coroutines, futures, HTTP bookkeeping) before the count lets a collection
+start, and a collection walks them all holding the GIL: 10-40 ms in which no thread of the process
+runs, the event loop included (bench/RESULTS.md).
+
+While any episode runs, the pacer collects the youngest generation every ``interval_s`` and the
+middle one every ``middle_every`` intervals from a timer on the event loop, so each pass walks only
+what the last few milliseconds made. The automatic collector keeps collecting the youngest
+generation during bursts, but no longer starts middle or full collections: the pacer raises those
+thresholds and puts them back once no episode is in flight, then runs the deferred full collection
+``quiet_s`` later if nothing has started meanwhile and the collector's own rule calls for one. A run that never goes quiet still gets a full
+collection every ``full_every_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import threading
+import time
+from collections.abc import Iterator
+
+# Far above any count the collector reaches in a rollout: "never on its own".
+_NEVER = 1 << 30
+
+
+class GcPacer:
+    def __init__(
+        self, interval_s: float = 0.01, middle_every: int = 10, quiet_s: float = 1.0, full_every_s: float = 120.0
+    ) -> None:
+        if interval_s <= 0 or middle_every < 1 or quiet_s < 0 or full_every_s <= 0:
+            raise ValueError("GcPacer needs interval_s > 0, middle_every >= 1, quiet_s >= 0, full_every_s > 0")
+        self.interval_s = interval_s
+        self.middle_every = middle_every
+        self.quiet_s = quiet_s
+        self.full_every_s = full_every_s
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._saved_thresholds: tuple[int, int, int] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._ticks = 0
+        self._last_full = time.monotonic()
+        self.collections = {"young": 0, "middle": 0, "full": 0}  # what the pacer itself ran
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def active(self) -> bool:
+        return self._saved_thresholds is not None
+
+    @contextlib.contextmanager
+    def episode(self) -> Iterator[None]:
+        """Wrap one episode; call on the event loop that runs it."""
+        self._enter(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            self._exit(asyncio.get_running_loop())
+
+    def _enter(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._in_flight += 1
+            if self._saved_thresholds is None:
+                self._saved_thresholds = gc.get_threshold()
+                young = self._saved_thresholds[0]
+                gc.set_threshold(young, _NEVER, _NEVER)
+            # A loop closed with episodes still counted (abandoned tasks) no longer runs the timer.
+            if self._timer is None or self._timer_loop is None or self._timer_loop.is_closed():
+                self._ticks = 0
+                self._timer, self._timer_loop = loop.call_later(self.interval_s, self._tick, loop), loop
+
+    def _exit(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight:
+                return
+            self._stop_locked()
+        # Deferred, so that a batch whose next episodes start at once (slime's groups) is not
+        # held up by a full collection between two of them.
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            loop.call_later(self.quiet_s, self._collect_if_quiet)
+
+    def _stop_locked(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self._timer_loop = None
+        if self._saved_thresholds is not None:
+            gc.set_threshold(*self._saved_thresholds)
+            self._saved_thresholds = None
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            if self._timer is None or not self._in_flight:
+                return
+            self._ticks += 1
+            self._timer = loop.call_later(self.interval_s, self._tick, loop)
+        if time.monotonic() - self._last_full >= self.full_every_s:
+            self._collect(2)
+        elif self._ticks % self.middle_every == 0:
+            self._collect(1)
+        else:
+            self._collect(0)
+
+    def _collect_if_quiet(self) -> None:
+        # Only the full collection the collector would have started itself: more middle
+        # collections since the last full one than its threshold (a short burst of episodes is
+        # not worth a pass over the whole heap).
+        if not self._in_flight and gc.get_count()[2] > gc.get_threshold()[2]:
+            self._collect(2)
+
+    def _collect(self, generation: int) -> None:
+        gc.collect(generation)
+        self.collections[("young", "middle", "full")[generation]] += 1
+        if generation == 2:
+            self._last_full = time.monotonic()
+
+    def close(self) -> None:
+        """Put the collector's thresholds back, whatever is still in flight."""
+        with self._lock:
+            self._stop_locked()
