@@ -593,9 +593,13 @@ class Probes:
         }
 
 
+def _thread_usage() -> Any:
+    return resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF))
+
+
 def thread_cpu_s() -> float:
     """CPU time of the calling thread (the event loop's, when called from it)."""
-    usage = resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF))
+    usage = _thread_usage()
     return usage.ru_utime + usage.ru_stime
 
 
@@ -672,7 +676,7 @@ class StallTicker:
 
 
 def _involuntary_switches() -> int:
-    return resource.getrusage(getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)).ru_nivcsw
+    return _thread_usage().ru_nivcsw
 
 
 class StallSampler:
@@ -724,8 +728,11 @@ class StallSampler:
         return [f"{n}x {stack}" for stack, n in sorted(counts.items(), key=lambda item: -item[1])[:3]]
 
 
-# Innermost functions of a thread that waits without running Python code.
-_PARKED = frozenset({"wait", "get", "select", "_wait_for_tstate_lock", "accept", "recv_bytes", "poll", "_recv"})
+# Innermost functions of a thread that waits without running Python code ("_worker": an idle
+# executor thread, inside its queue's C-level get).
+_PARKED = frozenset(
+    {"wait", "get", "select", "_wait_for_tstate_lock", "accept", "recv_bytes", "poll", "_recv", "_worker"}
+)
 
 
 def _stack_summary(frame: Any, depth: int = 4) -> str:

@@ -12,8 +12,8 @@ middle one every ``middle_every`` intervals from a timer on the event loop, so e
 what the last few milliseconds made. The automatic collector keeps collecting the youngest
 generation during bursts, but no longer starts middle or full collections: the pacer raises those
 thresholds and puts them back once no episode is in flight, then runs the deferred full collection
-``quiet_s`` later if nothing has started meanwhile and the collector's own rule calls for one. A run that never goes quiet still gets a full
-collection every ``full_every_s``.
+``quiet_s`` later if nothing has started meanwhile and the collector's own rule calls for one. A
+run that never goes quiet still gets a full collection every ``full_every_s``.
 """
 
 from __future__ import annotations

@@ -51,10 +51,6 @@ class Trajectory:
     segments: list[Segment] = field(default_factory=list)
     response_length: int = 0
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.prompt_ids, array):
-            self.prompt_ids = token_array(self.prompt_ids)
-
     def append(self, segment: Segment) -> None:
         if segment.tokens:
             self.segments.append(segment)
@@ -63,12 +59,6 @@ class Trajectory:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + self.response_length
-
-    def response_ids(self) -> list[int]:
-        return [token for segment in self.segments for token in segment.tokens]
-
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids.tolist() + self.response_ids()
 
     def write_to(self, sample: Any, args: Any) -> None:
         sample.tokens = self.prompt_ids.tolist()
