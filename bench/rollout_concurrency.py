@@ -649,18 +649,22 @@ class StallTicker:
         # Times the OS took the CPU from the loop thread in that interval (involuntary context
         # switches): other processes (grading workers) or threads holding the cores.
         self.preempted: list[int] = []
+        # Time the loop thread was runnable but waited for a core (the scheduler's run-queue wait,
+        # Linux only): what is left of a stall after this and its CPU time is the wait for the GIL.
+        self.runqueue_wait_s: list[float] = []
         self.last_wake: float | None = None
         self._task: asyncio.Task | None = None
 
     async def _run(self) -> None:
         while True:
             started = self.last_wake = time.monotonic()
-            cpu, switches = time.thread_time(), _involuntary_switches()
+            cpu, switches, queued = time.thread_time(), _involuntary_switches(), _runqueue_wait_s()
             await asyncio.sleep(self.interval_s)
             now = time.monotonic()
             self.samples.append((now, now - started - self.interval_s))
             self.cpu_s.append(time.thread_time() - cpu)
             self.preempted.append(_involuntary_switches() - switches)
+            self.runqueue_wait_s.append(_runqueue_wait_s() - queued)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -677,6 +681,16 @@ class StallTicker:
 
 def _involuntary_switches() -> int:
     return _thread_usage().ru_nivcsw
+
+
+def _runqueue_wait_s() -> float:
+    """Seconds the calling thread has spent runnable but not running (0.0 where the kernel does
+    not report it): the second field of ``/proc/thread-self/schedstat``."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 class StallSampler:
@@ -793,6 +807,7 @@ class GcWatch:
                 "ms": round(over * 1e3, 1),
                 "loop_thread_cpu_ms": round(ticker.cpu_s[i] * 1e3, 1),
                 "loop_thread_preempted": ticker.preempted[i],
+                "loop_thread_runqueue_wait_ms": round(ticker.runqueue_wait_s[i] * 1e3, 1),
                 "collections": [
                     f"gen{p[2]} {p[1] * 1e3:.1f} ms"
                     + (f" (CPU {p[4] * 1e3:.1f} ms, {p[5]}, {p[3]} freed)" if p[1] > 0.002 else "")
@@ -1044,7 +1059,7 @@ def print_report(settings: Settings, results: list[dict[str, Any]], config: dict
         )
         print(f"{r['scenario']}: worst stalls (s after the start, length, collections inside):", "; ".join(
             f"{w['at_s']:.2f} s {w['ms']:.0f} ms (loop thread on CPU {w['loop_thread_cpu_ms']:.0f} ms, "
-            f"preempted {w['loop_thread_preempted']}x) "
+            f"preempted {w['loop_thread_preempted']}x, waited for a core {w['loop_thread_runqueue_wait_ms']:.0f} ms) "
             f"[{_collections(w['collections'])}]" for w in r["worst_stalls"]))  # fmt: skip
         for w in r["worst_stalls"]:
             if w["loop_thread_stacks"]:
