@@ -75,8 +75,8 @@ class EpisodeContext:
     env_module: Any
     # Env calls, and each episode's set-up (prompt encoding, env build and reset) in one trip.
     env_executor: Executor
-    # Observations with images and the finished sample's training tensors (milliseconds each):
-    # never on the event loop. Image processing itself runs on the image cache's own thread.
+    # The finished sample's training tensors (milliseconds): never on the event loop. Image
+    # processing itself runs on the image cache's own thread.
     prep_executor: Executor
     image_cache: ProcessedImageCache
 
@@ -215,37 +215,7 @@ async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> 
             params["max_new_tokens"] = min(caps)
 
         text = await _model_turn(ctx, state, record, params, left)
-
-        started = time.perf_counter()
-        try:
-            observation, done, info = await _call_env(ctx, env.step, text)
-        except Exception as exc:
-            record.error = f"{type(exc).__name__}: {exc}"
-            return "FAILED", f"env.step raised at turn {turn}: {traceback.format_exc(limit=5)}"
-        finally:
-            record.env_s = time.perf_counter() - started
-        _record_step_info(record, info, done)
-        if done:
-            return "COMPLETED", "env done"
-        if turn == config.max_turns:
-            return "COMPLETED", "max_turns reached"
-
-        started = time.perf_counter()
-        try:
-            message = await _call_env(ctx, env.format_observation, observation)
-            encoded = _encode_observation(ctx, message, state)
-            if encoded[0].images:  # image lookup and engine encoding take milliseconds: off the loop
-                inserted = await asyncio.get_running_loop().run_in_executor(
-                    ctx.prep_executor, _observation_insert, ctx, *encoded
-                )
-            else:
-                inserted = _observation_insert(ctx, *encoded)
-        except Exception as exc:
-            record.error = f"{type(exc).__name__}: {exc}"
-            return "FAILED", f"observation at turn {turn} could not be encoded: {exc}"
-        finally:
-            record.env_s += time.perf_counter() - started
-        tokens, text, entries, request_tail = inserted
+        tokens, text, entries, request_tail = await _env_turn(ctx, state, record, env, text)
         left = _budget_left(args, sampling_params, state.trajectory)
         if left is not None and len(tokens) > left:
             return "TRUNCATED", f"the observation after turn {turn} ({len(tokens)} tokens) does not fit ({left} left)"
@@ -256,6 +226,101 @@ async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> 
         record.observation_text = text
         record.observation_images = len(entries)
     return "COMPLETED", "max_turns reached"
+
+
+@dataclass(slots=True)
+class _EnvWork:
+    """What one turn's env work produced, handed back from the env threads in one piece."""
+
+    step: tuple[Any, Any, Any] | None = None  # (observation, done, info)
+    step_error: Exception | None = None
+    step_traceback: str = ""
+    inserted: tuple[Any, ...] | None = None  # _observation_insert's result
+    observation_error: Exception | None = None
+    env_s: float = 0.0
+
+
+async def _env_turn(ctx: EpisodeContext, state: _State, record: TurnRecord, env: Any, text: str):
+    """``env.step`` on the model's text, then the observation it returns, formatted and encoded for
+    the next turn: (trajectory tokens, text, image entries, request tail). Raises _EpisodeEnded when
+    the episode ends here (done, max_turns, an env error).
+
+    For a sync env all of it runs in one trip to the env threads: every trip back to the event loop
+    queues behind the other episodes' work, and when a grading jam clears, dozens of episodes would
+    otherwise encode their observations in a single iteration of the loop. An ``async def`` step is
+    awaited on the loop, then the rest goes to the env threads."""
+    loop = asyncio.get_running_loop()
+    final = record.turn == ctx.config.max_turns
+    last_id = state.request_ids[-1] if state.request_ids else None
+    if inspect.iscoroutinefunction(env.step):
+        work = _EnvWork()
+        started = time.perf_counter()
+        try:
+            work.step = _step_result(await env.step(text))
+        except Exception as exc:
+            work.step_error, work.step_traceback = exc, traceback.format_exc(limit=5)
+        work.env_s = time.perf_counter() - started
+        if work.step is not None and not work.step[1] and not final:
+            await loop.run_in_executor(ctx.env_executor, _observe, ctx, env, last_id, loop, work)
+    else:
+        work = await loop.run_in_executor(ctx.env_executor, _step_and_observe, ctx, env, text, last_id, final, loop)
+    record.env_s = work.env_s
+    if work.step_error is not None:
+        record.error = f"{type(work.step_error).__name__}: {work.step_error}"
+        raise _EpisodeEnded("FAILED", f"env.step raised at turn {record.turn}: {work.step_traceback}")
+    _observation, done, info = work.step
+    _record_step_info(record, info, done)
+    if done:
+        raise _EpisodeEnded("COMPLETED", "env done")
+    if final:
+        raise _EpisodeEnded("COMPLETED", "max_turns reached")
+    if work.observation_error is not None:
+        exc = work.observation_error
+        record.error = f"{type(exc).__name__}: {exc}"
+        raise _EpisodeEnded("FAILED", f"observation at turn {record.turn} could not be encoded: {exc}")
+    return work.inserted
+
+
+def _step_and_observe(ctx, env, text: str, last_id: int | None, final: bool, loop) -> _EnvWork:
+    """In an env thread: the step, then (unless the episode ends here) :func:`_observe`."""
+    work = _EnvWork()
+    started = time.perf_counter()
+    try:
+        work.step = _step_result(_resolved(env.step(text), loop))
+    except Exception as exc:
+        work.step_error, work.step_traceback = exc, traceback.format_exc(limit=5)
+    work.env_s = time.perf_counter() - started
+    if work.step is not None and not work.step[1] and not final:
+        _observe(ctx, env, last_id, loop, work)
+    return work
+
+
+def _observe(ctx, env, last_id: int | None, loop, work: _EnvWork) -> None:
+    """In an env thread: the step's observation as a chat message, encoded and its images looked up."""
+    started = time.perf_counter()
+    try:
+        message = _resolved(env.format_observation(work.step[0]), loop)
+        work.inserted = _observation_insert(ctx, *_encode_observation(ctx, message, last_id))
+    except Exception as exc:
+        work.observation_error = exc
+    work.env_s += time.perf_counter() - started
+
+
+def _step_result(result: Any) -> tuple[Any, Any, Any]:
+    observation, done, info = result
+    return observation, done, info
+
+
+def _resolved(value: Any, loop: asyncio.AbstractEventLoop) -> Any:
+    """A sync env method may hand back an awaitable (e.g. a decorated async method): it runs on the
+    episode's loop, this thread waiting for it."""
+    if not inspect.isawaitable(value):
+        return value
+
+    async def wait() -> Any:
+        return await value
+
+    return asyncio.run_coroutine_threadsafe(wait(), loop).result()
 
 
 async def _model_turn(ctx: EpisodeContext, state: _State, record: TurnRecord, params: dict[str, Any], left: int | None) -> str:
@@ -309,16 +374,16 @@ def _first_vision_token(processing: Processing, token_ids: list[int]) -> int | N
     return next((i for i, token in enumerate(token_ids) if token in vision), None)
 
 
-def _encode_observation(ctx: EpisodeContext, message: dict[str, Any], state: _State):
+def _encode_observation(ctx: EpisodeContext, message: dict[str, Any], last_id: int | None):
     """The observation message through the chat template: (encoded message, its token ids, its
-    text), both led by the end-of-turn token the model did not produce, if any."""
+    text), both led by the end-of-turn token the model did not produce, if any (``last_id`` is the
+    last token so far)."""
     processing = ctx.processing
     tools = getattr(ctx.env_module, "TOOLS", None) if ctx.config.tools_in_prompt else None
     encoded = ctx.encoder.encode_message(message, tools)
     # A model that stopped on a stop string (e.g. "</tool_call>") never produced its end-of-turn
     # token; the template has one there, so insert it (masked), exactly once.
-    last = state.request_ids[-1] if state.request_ids else None
-    end_of_turn = [] if last == processing.eos_token_id else [processing.eos_token_id]
+    end_of_turn = [] if last_id == processing.eos_token_id else [processing.eos_token_id]
     text = (processing.eos_token if end_of_turn else "") + encoded.text
     return encoded, end_of_turn + encoded.token_ids, text
 

@@ -46,6 +46,7 @@ class GcPacer:
         self._saved_thresholds: tuple[int, int, int] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_loop: asyncio.AbstractEventLoop | None = None
+        self._quiet: asyncio.TimerHandle | None = None  # the deferred full collection, when pending
         self._ticks = 0
         self._last_full = time.monotonic()
         self.collections = {"young": 0, "middle": 0, "full": 0}  # what the pacer itself ran
@@ -70,6 +71,7 @@ class GcPacer:
     def _enter(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
             self._in_flight += 1
+            self._cancel_quiet_locked()
             if self._saved_thresholds is None:
                 self._saved_thresholds = gc.get_threshold()
                 young, middle, _ = self._saved_thresholds
@@ -85,10 +87,15 @@ class GcPacer:
             if self._in_flight:
                 return
             self._stop_locked()
-        # Deferred, so that a batch whose next episodes start at once (slime's groups) is not
-        # held up by a full collection between two of them.
-        with contextlib.suppress(RuntimeError):  # the loop is closing
-            loop.call_later(self.quiet_s, self._collect_if_quiet)
+            # Deferred, so that a batch whose next episodes start at once (slime's groups) is not
+            # held up by a full collection between two of them.
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                self._quiet = loop.call_later(self.quiet_s, self._collect_if_quiet)
+
+    def _cancel_quiet_locked(self) -> None:
+        if self._quiet is not None:
+            self._quiet.cancel()
+            self._quiet = None
 
     def _stop_locked(self) -> None:
         if self._timer is not None:
@@ -112,10 +119,14 @@ class GcPacer:
             self._collect(0)
 
     def _collect_if_quiet(self) -> None:
+        with self._lock:
+            self._quiet = None
+            if self._in_flight:
+                return
         # Only the full collection the collector would have started itself: more middle
         # collections since the last full one than its threshold (a short burst of episodes is
         # not worth a pass over the whole heap).
-        if not self._in_flight and gc.get_count()[2] > gc.get_threshold()[2]:
+        if gc.get_count()[2] > gc.get_threshold()[2]:
             self._collect(2)
 
     def _collect(self, generation: int) -> None:
@@ -125,6 +136,8 @@ class GcPacer:
             self._last_full = time.monotonic()
 
     def close(self) -> None:
-        """Put the collector's thresholds back, whatever is still in flight."""
+        """Put the collector's thresholds back, whatever is still in flight, and drop a pending
+        deferred full collection."""
         with self._lock:
             self._stop_locked()
+            self._cancel_quiet_locked()

@@ -6,6 +6,7 @@ slime's example.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -71,10 +72,46 @@ class SlowSyncEnv(TextFeedbackEnv):
         return {"obs_str": "ok"}, True, {"score": 1.0}
 
 
+class AsyncStepEnv(TextFeedbackEnv):
+    """``async def step``: awaited on the event loop."""
+
+    async def step(self, text):
+        EVENTS.append(f"step on {threading.current_thread().name}")
+        await asyncio.sleep(0)
+        return {"obs_str": f"async feedback on {text!r}"}, False, {"score": 0.0}
+
+
+class AsyncObservationEnv(TextFeedbackEnv):
+    """A sync step, an ``async def format_observation``."""
+
+    async def format_observation(self, obs):
+        await asyncio.sleep(0)
+        return {"role": self.role, "content": "formatted: " + obs["obs_str"]}
+
+
+class CoroutineReturningEnv(TextFeedbackEnv):
+    """Sync methods that hand back coroutines, as decorated async methods do."""
+
+    def step(self, text):
+        return self._step(text)
+
+    async def _step(self, text):
+        return {"obs_str": "from a coroutine"}, False, {"score": 0.0}
+
+
+class UnformattableEnv(TextFeedbackEnv):
+    def format_observation(self, obs):
+        raise ValueError("no template for this observation")
+
+
 def build_env(sample=None, args=None, kind="image", **kwargs):
     return {
         "image": ImageFeedbackEnv,
         "text": TextFeedbackEnv,
         "raising": RaisingEnv,
         "slow": SlowSyncEnv,
+        "async_step": AsyncStepEnv,
+        "async_observation": AsyncObservationEnv,
+        "coroutine_returning": CoroutineReturningEnv,
+        "unformattable": UnformattableEnv,
     }[kind](**kwargs)

@@ -365,6 +365,58 @@ async def test_sync_env_step_never_runs_on_the_event_loop(qwen25_processing):
     assert max(stalls) < 0.25  # one blocking step alone would stall the loop for 0.3 s
 
 
+@pytest.mark.parametrize(
+    ("kind", "feedback"),
+    [
+        ("text", "Try again."),
+        ("async_step", "async feedback on "),
+        ("async_observation", "formatted: Try again."),
+        ("coroutine_returning", "from a coroutine"),
+    ],
+)
+async def test_observations_are_encoded_off_the_event_loop(qwen25_processing, monkeypatch, kind, feedback):
+    """Sync and async envs alike: the observation is tokenized in the env threads, never on the loop
+    (a burst of episodes released together by the grader would otherwise encode in one iteration)."""
+    import threading
+
+    import rollout.episode as episode
+
+    tok = qwen25_processing.tokenizer
+    threads = []
+    original = episode._encode_observation
+
+    def recording(*args):
+        threads.append(threading.current_thread().name)
+        return original(*args)
+
+    monkeypatch.setattr(episode, "_encode_observation", recording)
+    engine = ScriptedEngine(tok, ["one", "two"])
+    args = make_args(engine, max_turns=2, rollout_interaction_env_path=TEST_ENVS, env_kwargs={"kind": kind})
+    out = await rollout.generate(args, make_sample(tok), {})
+    assert out.status == Status.COMPLETED, out.metadata["status_reason"]
+    assert out.metadata["status_reason"] == "max_turns reached"
+    assert feedback in out.metadata["turns"][0]["observation_text"]
+    assert len(threads) == 1 and threads[0].startswith("env-step")
+    # The inserted observation is exactly what the engine's second request continues from.
+    second = engine.requests[1]["input_ids"]
+    assert second[-out.metadata["turns"][0]["env_tokens"] :] == tok.encode(
+        out.metadata["turns"][0]["observation_text"], add_special_tokens=False
+    )
+    assert_invariants(out)
+
+
+async def test_an_observation_that_cannot_be_formatted_fails_the_sample(qwen25_processing):
+    tok = qwen25_processing.tokenizer
+    engine = ScriptedEngine(tok, ["one", "two"])
+    args = make_args(engine, max_turns=2, rollout_interaction_env_path=TEST_ENVS, env_kwargs={"kind": "unformattable"})
+    out = await rollout.generate(args, make_sample(tok), {})
+    assert out.status == Status.FAILED and out.remove_sample and out.reward == 0.0
+    assert out.metadata["status_reason"] == "observation at turn 1 could not be encoded: no template for this observation"
+    assert out.metadata["turns"][0]["error"] == "ValueError: no template for this observation"
+    assert len(engine.requests) == 1
+    assert_invariants(out)
+
+
 async def test_reward_comes_from_the_outcome_not_the_text(qwen25_processing):
     """PITFALLS 10: env feedback may quote \\boxed{...}; a wrong final answer still scores 0."""
     tok = qwen25_processing.tokenizer

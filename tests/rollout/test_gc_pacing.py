@@ -4,6 +4,7 @@ import gc
 import pytest
 
 from rollout.gc_pacing import GcPacer
+from rollout.runtime import default_runtime
 
 
 @pytest.fixture
@@ -22,6 +23,9 @@ def collections_seen():
 
 @pytest.fixture(autouse=True)
 def thresholds_restored():
+    # Earlier tests' episodes may have left the rollout runtime's deferred full collection pending
+    # on the shared event loop; it would run inside these tests' windows.
+    default_runtime().gc_pacer.close()
     before = gc.get_threshold()
     yield
     gc.set_threshold(*before)
@@ -84,6 +88,15 @@ async def test_an_episode_starting_within_the_quiet_time_cancels_the_full_collec
         assert pacer.collections["full"] == 0
     await asyncio.sleep(0.1)
     assert pacer.collections["full"] == 1
+
+
+async def test_close_drops_a_pending_full_collection():
+    pacer = GcPacer(interval_s=0.005, middle_every=1, quiet_s=0.05)
+    with pacer.episode():
+        await asyncio.sleep(0.15)
+    pacer.close()
+    await asyncio.sleep(0.15)
+    assert pacer.collections["full"] == 0
 
 
 async def test_thresholds_come_back_only_after_the_last_of_concurrent_episodes():
