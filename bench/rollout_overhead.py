@@ -14,10 +14,11 @@ costs (prompt encoding with a 448x448 image, env build/reset/close, finishing th
 reported on their own rows and are not spread over turns. For the geo3k case the turn is split by
 timers around the episode's steps: grading (``Grader.grade``: pipe round trip + math-verify in the
 worker; the bare pipe round trip is measured separately against an echo process), the rest of
-``env.step`` (parsing, feedback), the hand-off to the env thread and back, observation encoding,
-and bookkeeping (the rest of the turn loop). ``--profile`` prints a cProfile of the geo3k text turns
-(the loop thread and the env thread, merged; prompt encoding and finishing excluded), from a
-separate pass, so the timings above carry no profiler overhead.
+``env.step`` (parsing, feedback), the observation (chat template and tokenizer; the rest:
+``format_observation``, image lookups), all three in one trip to an env thread, the hand-off to
+that thread and back, and bookkeeping (the rest of the turn loop). ``--profile`` prints a cProfile
+of the geo3k text turns (the loop thread and the env thread, merged; prompt encoding and finishing
+excluded), from a separate pass, so the timings above carry no profiler overhead.
 
 The replies cycle through three fixed answers, so math-verify's own caches make grading cheaper
 than for fresh answers; the fresh-answer grading cost is measured and printed separately.
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import io
 import multiprocessing
 import statistics
@@ -101,7 +101,7 @@ class Timers:
 
     Installs wrappers on ``rollout.episode``'s helpers and ``Grader.grade`` (measurement only;
     ``restore`` puts the originals back). While ``profiling`` is set, the turn loop (loop thread)
-    and each ``env.step`` (env thread) run under cProfile; timing and profiling are separate passes.
+    and each turn's env work (env thread) run under cProfile; timing and profiling are separate passes.
     """
 
     def __init__(self, profile: bool = False) -> None:
@@ -129,6 +129,16 @@ class Timers:
 
             return wrapper
 
+        def timed_async(key, function):
+            async def wrapper(*args, **kwargs):
+                started = time.perf_counter()
+                try:
+                    return await function(*args, **kwargs)
+                finally:
+                    timers.add(key, time.perf_counter() - started)
+
+            return wrapper
+
         real_turn_loop = episode._turn_loop
 
         async def turn_loop(*args, **kwargs):
@@ -142,29 +152,21 @@ class Timers:
                     self.loop_profile.disable()
                 timers.add("turn loop", time.perf_counter() - started)
 
-        real_call_env = episode._call_env
+        real_step_and_observe = episode._step_and_observe
 
-        async def call_env(ctx, method, *args):
-            if getattr(method, "__name__", "") != "step" or inspect.iscoroutinefunction(method):
-                return await real_call_env(ctx, method, *args)
-
-            def step(*step_args):
-                started = time.perf_counter()
-                try:
-                    if self.profiling:
-                        return self.env_profile.runcall(method, *step_args)
-                    return method(*step_args)
-                finally:
-                    timers.add("env.step in its thread", time.perf_counter() - started)
-
+        def step_and_observe(*args):
             started = time.perf_counter()
             try:
-                return await real_call_env(ctx, step, *args)
+                if self.profiling:
+                    return self.env_profile.runcall(real_step_and_observe, *args)
+                return real_step_and_observe(*args)
             finally:
-                timers.add("env.step seen from the loop", time.perf_counter() - started)
+                timers.add("env work in its thread", time.perf_counter() - started)
 
         self._swap(episode, "_turn_loop", turn_loop)
-        self._swap(episode, "_call_env", call_env)
+        self._swap(episode, "_env_turn", timed_async("env work seen from the loop", episode._env_turn))
+        self._swap(episode, "_step_and_observe", step_and_observe)
+        self._swap(episode, "_observe", timed("observation (format, encode, images)", episode._observe))
         self._swap(episode, "_encode_observation", timed("observation encoding", episode._encode_observation))
         self._swap(episode, "_encode_prompt", timed("prompt encoding", episode._encode_prompt))
         self._swap(episode, "_finish", timed("finishing the sample", episode._finish))
@@ -290,12 +292,17 @@ async def measure(family, checkpoint, episodes, profile):
             "turns per episode": turns / episodes,
             "per turn, ms": per_turn * 1e3,
             "grading": s["grading"] / turns * 1e3,
-            "env.step without grading (parse, feedback)": (s["env.step in its thread"] - s["grading"]) / turns * 1e3,
-            "hand-off to the env thread and back": (s["env.step seen from the loop"] - s["env.step in its thread"])
+            "env.step without grading (parse, feedback)": (
+                s["env work in its thread"] - s["observation (format, encode, images)"] - s["grading"]
+            ) / turns * 1e3,
+            "observation encoding (chat template, tokenizer)": s["observation encoding"] / turns * 1e3,
+            "observation, the rest (format_observation, image lookups)": (
+                s["observation (format, encode, images)"] - s["observation encoding"]
+            ) / turns * 1e3,
+            "hand-off to the env thread and back": (s["env work seen from the loop"] - s["env work in its thread"])
             / turns * 1e3,
-            "observation encoding": s["observation encoding"] / turns * 1e3,
             "bookkeeping (rest of the turn loop)": (
-                s["turn loop"] - engine.time_s - s["env.step seen from the loop"] - s["observation encoding"]
+                s["turn loop"] - engine.time_s - s["env work seen from the loop"]
             ) / turns * 1e3,
             "per episode: prompt encoding, ms": s["prompt encoding"] / episodes * 1e3,
             "per episode: the rest (context, env build, reset, close), ms": (
