@@ -24,6 +24,7 @@ episode TRUNCATED; it is never inserted partially, so an image's pad run is neve
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import inspect
 import time
@@ -239,6 +240,10 @@ class _EnvWork:
     observation_error: Exception | None = None
     env_s: float = 0.0
 
+    def wants_observation(self, final: bool) -> bool:
+        """The step went through, the env is not done and another turn follows."""
+        return self.step is not None and not self.step[1] and not final
+
 
 async def _env_turn(ctx: EpisodeContext, state: _State, record: TurnRecord, env: Any, text: str):
     """``env.step`` on the model's text, then the observation it returns, formatted and encoded for
@@ -260,7 +265,7 @@ async def _env_turn(ctx: EpisodeContext, state: _State, record: TurnRecord, env:
         except Exception as exc:
             work.step_error, work.step_traceback = exc, traceback.format_exc(limit=5)
         work.env_s = time.perf_counter() - started
-        if work.step is not None and not work.step[1] and not final:
+        if work.wants_observation(final):
             await loop.run_in_executor(ctx.env_executor, _observe, ctx, env, last_id, loop, work)
     else:
         work = await loop.run_in_executor(ctx.env_executor, _step_and_observe, ctx, env, text, last_id, final, loop)
@@ -290,7 +295,7 @@ def _step_and_observe(ctx, env, text: str, last_id: int | None, final: bool, loo
     except Exception as exc:
         work.step_error, work.step_traceback = exc, traceback.format_exc(limit=5)
     work.env_s = time.perf_counter() - started
-    if work.step is not None and not work.step[1] and not final:
+    if work.wants_observation(final):
         _observe(ctx, env, last_id, loop, work)
     return work
 
@@ -313,14 +318,26 @@ def _step_result(result: Any) -> tuple[Any, Any, Any]:
 
 def _resolved(value: Any, loop: asyncio.AbstractEventLoop) -> Any:
     """A sync env method may hand back an awaitable (e.g. a decorated async method): it runs on the
-    episode's loop, this thread waiting for it."""
+    episode's loop, this thread waiting for it (but not for a loop that has stopped, which would
+    never run it and would leave this thread blocking the interpreter's exit)."""
     if not inspect.isawaitable(value):
         return value
 
     async def wait() -> Any:
         return await value
 
-    return asyncio.run_coroutine_threadsafe(wait(), loop).result()
+    future = asyncio.run_coroutine_threadsafe(wait(), loop)
+    while True:
+        try:
+            return future.result(timeout=_LOOP_CHECK_S)
+        except concurrent.futures.TimeoutError:
+            if loop.is_closed() or not loop.is_running():
+                future.cancel()
+                raise RuntimeError("the event loop stopped while an env method ran on it") from None
+
+
+#: How often an env thread waiting for the event loop checks that the loop still runs.
+_LOOP_CHECK_S = 1.0
 
 
 async def _model_turn(ctx: EpisodeContext, state: _State, record: TurnRecord, params: dict[str, Any], left: int | None) -> str:
