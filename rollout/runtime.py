@@ -31,8 +31,8 @@ class RolloutRuntime:
         self._env_modules: dict[str, Any] = {}
         self._clients: dict[str, SGLangClient] = {}
         self._executor: ThreadPoolExecutor | None = None
-        # Two threads: a second keeps one large observation image (PNG encoding, concatenating a
-        # sample's tensors) from delaying every other episode's.
+        # Finished samples' training tensors. Two threads: a second keeps one sample with large
+        # images to concatenate from delaying every other episode's finish.
         self._prep_executor = ThreadPoolExecutor(2, thread_name_prefix="rollout-prep")
         self.image_cache = ProcessedImageCache()
         self._gc_frozen = False
