@@ -1,6 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Each sets itself up on a fresh
 # machine: a virtualenv in .venv, torch first (the CPU wheel where there is no NVIDIA GPU), then
-# this package with its test extra.
+# this package with its local-backend and test extras, at the versions in constraints.txt.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,11 +9,11 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint demo clean-cache
+.PHONY: setup test lint demo clean-cache test-slime-env
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(BIN)/python -m pip install --quiet torch==$(TORCH_CPU_VERSION); \
 	fi
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[local,test]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -32,6 +32,10 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The plugin installed into an environment pinned like slime's image (see scripts/check_slime_env.sh).
+test-slime-env:
+	PYTHON=$(PYTHON) TORCH_VERSION=$(TORCH_CPU_VERSION) scripts/check_slime_env.sh
 
 demo: $(STAMP)
 	$(BIN)/python examples/geo3k_vlm_multi_turn/run_geo3k_vlm_multi_turn.py --backend local --demo

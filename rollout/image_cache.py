@@ -22,10 +22,14 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import pyarrow
 import torch
 import xxhash
 from PIL import Image
+
+try:  # optional: slime's image pins numpy 1.26, which recent pyarrow releases refuse to import with
+    import pyarrow
+except ImportError:
+    pyarrow = None
 
 from rollout.processing import ImagePadMismatch
 
@@ -63,16 +67,15 @@ def image_digest(image: Image.Image) -> bytes:
     storage of an RGB pixel has a fourth, unused byte that some Pillow operations set differently
     (``resize`` leaves 0, a decoded PNG has 255): two such images with equal pixels get different
     keys and are processed once each, never confused. Images Pillow cannot export (rows in more
-    than one block, Pillow older than 11.2) are hashed through ``tobytes()``.
+    than one block, Pillow older than 11.2) or that run without pyarrow are hashed through
+    ``tobytes()``.
     """
     digest = xxhash.xxh3_128()
     digest.update(f"{image.mode}:{image.size}".encode())
     if image.mode in ("P", "PA"):  # the pixels are palette indices
         digest.update(bytes(image.getpalette() or ()))
-    try:
-        # Validity bitmaps are absent (a PIL image has no nulls); the last buffer is the pixels.
-        buffers = pyarrow.array(image).buffers()
-    except (TypeError, ValueError, pyarrow.ArrowException):
+    buffers = _stored_buffers(image)
+    if buffers is None:
         digest.update(b"packed:")
         digest.update(image.tobytes())
     else:
@@ -81,6 +84,17 @@ def image_digest(image: Image.Image) -> bytes:
             if buffer is not None:
                 digest.update(buffer)
     return digest.digest()
+
+
+def _stored_buffers(image: Image.Image) -> list[Any] | None:
+    """The image's storage as Arrow buffers (no copy), or None where Arrow cannot export it."""
+    if pyarrow is None:
+        return None
+    try:
+        # Validity bitmaps are absent (a PIL image has no nulls); the last buffer is the pixels.
+        return pyarrow.array(image).buffers()
+    except (TypeError, ValueError, pyarrow.ArrowException):
+        return None
 
 
 def predicted_pad_count(processing: Any, image: Image.Image) -> int | None:

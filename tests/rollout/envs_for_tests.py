@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 from PIL import Image
 
@@ -63,12 +62,19 @@ class RaisingEnv(TextFeedbackEnv):
         raise RuntimeError("the tool backend is down")
 
 
-class SlowSyncEnv(TextFeedbackEnv):
-    """A synchronous step that blocks for a while, as math grading can."""
+# Released by the test once every episode's step has started: a step run on the event loop would
+# block it, the test could never release it, and the step would give up.
+RELEASE = threading.Event()
+RELEASE_TIMEOUT_S = 60.0
+
+
+class GatedSyncEnv(TextFeedbackEnv):
+    """A synchronous step that blocks until the test releases it."""
 
     def step(self, text):
         EVENTS.append(f"step on {threading.current_thread().name}")
-        time.sleep(0.3)
+        if not RELEASE.wait(RELEASE_TIMEOUT_S):
+            raise RuntimeError("never released: the step blocked the event loop")
         return {"obs_str": "ok"}, True, {"score": 1.0}
 
 
@@ -109,7 +115,7 @@ def build_env(sample=None, args=None, kind="image", **kwargs):
         "image": ImageFeedbackEnv,
         "text": TextFeedbackEnv,
         "raising": RaisingEnv,
-        "slow": SlowSyncEnv,
+        "gated": GatedSyncEnv,
         "async_step": AsyncStepEnv,
         "async_observation": AsyncObservationEnv,
         "coroutine_returning": CoroutineReturningEnv,

@@ -337,32 +337,34 @@ async def test_aborted_engine_gives_aborted_status(qwen25_processing):
 
 
 async def test_sync_env_step_never_runs_on_the_event_loop(qwen25_processing):
-    """PITFALLS 11: a 0.3 s blocking step in 4 concurrent episodes leaves the loop responsive."""
+    """Four concurrent episodes' synchronous steps block until the event loop
+    releases them, which it can only do if none of them runs on it."""
     import tests.rollout.envs_for_tests as test_envs  # noqa: F401 (the loader imports it by path)
     from envs.loader import load_env_module
 
     module = load_env_module(TEST_ENVS)
     module.EVENTS.clear()
+    module.RELEASE.clear()
     tok = qwen25_processing.tokenizer
     samples = [make_sample(tok) for _ in range(4)]
     engines = [ScriptedEngine(tok, ["x"]) for _ in samples]
-    stalls = []
 
-    async def ticker():
-        while True:
-            before = time.perf_counter()
+    async def release_once_all_steps_started():
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + module.RELEASE_TIMEOUT_S
+        while len(module.EVENTS) < len(samples) and loop.time() < deadline:
             await asyncio.sleep(0.01)
-            stalls.append(time.perf_counter() - before - 0.01)
+        module.RELEASE.set()
 
-    tick = asyncio.create_task(ticker())
+    release = asyncio.create_task(release_once_all_steps_started())
     outs = await asyncio.gather(*[
-        rollout.generate(make_args(e, rollout_interaction_env_path=TEST_ENVS, env_kwargs={"kind": "slow"}), s, {})
+        rollout.generate(make_args(e, rollout_interaction_env_path=TEST_ENVS, env_kwargs={"kind": "gated"}), s, {})
         for e, s in zip(engines, samples, strict=True)
     ])  # fmt: skip
-    tick.cancel()
-    assert all(o.status == Status.COMPLETED for o in outs)
+    await release
+    assert [o.status for o in outs] == [Status.COMPLETED] * 4, [o.metadata.get("status_reason") for o in outs]
+    assert len(module.EVENTS) == 4
     assert all(event.startswith("step on env-step") for event in module.EVENTS)
-    assert max(stalls) < 0.25  # one blocking step alone would stall the loop for 0.3 s
 
 
 @pytest.mark.parametrize(
