@@ -39,7 +39,7 @@ import torch
 from envs.base import call_off_loop
 from envs.images import load_image
 from rollout.config import RolloutConfig
-from rollout.engines.base import FINISH_ABORT, FINISH_LENGTH, Engine, EngineError
+from rollout.engines.base import FINISH_ABORT, FINISH_LENGTH, Engine, EngineError, output_problem
 from rollout.image_cache import ProcessedImage, ProcessedImageCache
 from rollout.observation import ObservationEncoder
 from rollout.processing import ImagePadMismatch, Processing
@@ -80,6 +80,9 @@ class EpisodeContext:
     # processing itself runs on the image cache's own thread.
     prep_executor: Executor
     image_cache: ProcessedImageCache
+    # slime's --apply-chat-template-kwargs (rollout.prompts.chat_template_kwargs): every template
+    # rendering of the episode uses them, as slime's rendering of the first prompt did.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 class _EpisodeEnded(Exception):
@@ -152,7 +155,9 @@ def _encode_prompt(ctx: EpisodeContext, sample: Any) -> _State:
     prompt = sample.prompt
     if not isinstance(prompt, str):
         tools = getattr(ctx.env_module, "TOOLS", None) if ctx.config.tools_in_prompt else None
-        prompt = processing.tokenizer.apply_chat_template(prompt, tools=tools, tokenize=False, add_generation_prompt=True)
+        prompt = processing.tokenizer.apply_chat_template(
+            prompt, tools=tools, tokenize=False, add_generation_prompt=True, **ctx.chat_template_kwargs
+        )
     try:
         raw_images = list((getattr(sample, "multimodal_inputs", None) or {}).get("images") or [])
         images = [load_image(image) for image in raw_images]
@@ -354,6 +359,12 @@ async def _model_turn(ctx: EpisodeContext, state: _State, record: TurnRecord, pa
         raise _EpisodeEnded("FAILED", f"engine: {exc}") from None
     finally:
         record.engine_s = time.perf_counter() - started
+    # Checked before any of it joins the trajectory: a removed sample still goes through slime's
+    # forward pass, where a bad id or a NaN log-prob would break the whole step.
+    problem = output_problem(result, len(processing.tokenizer))
+    if problem is not None:
+        record.error = problem
+        raise _EpisodeEnded("FAILED", f"engine output refused at turn {record.turn}: {problem}")
     record.text = result.text
     record.finish_reason = result.finish_reason
     record.matched_stop = result.matched_stop
@@ -397,7 +408,7 @@ def _encode_observation(ctx: EpisodeContext, message: dict[str, Any], last_id: i
     last token so far)."""
     processing = ctx.processing
     tools = getattr(ctx.env_module, "TOOLS", None) if ctx.config.tools_in_prompt else None
-    encoded = ctx.encoder.encode_message(message, tools)
+    encoded = ctx.encoder.encode_message(message, tools, ctx.chat_template_kwargs)
     # A model that stopped on a stop string (e.g. "</tool_call>") never produced its end-of-turn
     # token; the template has one there, so insert it (masked), exactly once.
     end_of_turn = [] if last_id == processing.eos_token_id else [processing.eos_token_id]

@@ -380,8 +380,11 @@ def _fresh_copy(sample: Any, index: int, group_index: int) -> Any:
     return clone
 
 
-def _build_samples(item: Any, n: int, group: int, tokenizer: Any) -> list[Any]:
-    """``n`` fresh samples for one input item; raises ValueError/RowImageError for unusable input."""
+def _build_samples(
+    item: Any, n: int, group: int, tokenizer: Any, template_kwargs: dict[str, Any]
+) -> list[Any]:
+    """``n`` fresh samples for one input item, prompts rendered with ``template_kwargs`` (slime's
+    --apply-chat-template-kwargs); raises ValueError/RowImageError for unusable input."""
     from envs.geo3k.dataset import Geo3kRow, load_row_images
     from rollout.prompts import build_sample
 
@@ -390,7 +393,10 @@ def _build_samples(item: Any, n: int, group: int, tokenizer: Any) -> list[Any]:
     _, label = _problem_fields(item, group)
     images = load_row_images(item) if isinstance(item, Geo3kRow) else list(getattr(item, "images", ()) or ())
     return [
-        build_sample(item.problem, images, label, tokenizer, index=group * n + j, group_index=group)
+        build_sample(
+            item.problem, images, label, tokenizer,
+            index=group * n + j, group_index=group, template_kwargs=template_kwargs,
+        )  # fmt: skip
         for j in range(n)
     ]
 
@@ -429,6 +435,7 @@ async def evaluate(
     """
     import rollout
     from rollout.config import RolloutConfig
+    from rollout.prompts import chat_template_kwargs
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive number of samples per problem, got {n!r}")
@@ -436,6 +443,7 @@ async def evaluate(
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     ks = check_ks(ks, n)
     config = RolloutConfig.from_args(args)
+    template_kwargs = chat_template_kwargs(args)
     if tokenizer is None:
         from rollout.runtime import default_runtime
 
@@ -463,7 +471,7 @@ async def evaluate(
     for group, item in enumerate(samples_or_rows):
         index, label = _problem_fields(item, group)
         try:
-            samples = _build_samples(item, n, group, tokenizer)
+            samples = _build_samples(item, n, group, tokenizer, template_kwargs)
         except (ValueError, OSError) as exc:  # RowImageError is a ValueError
             results.append(_failed_problem(index, label, n, f"{type(exc).__name__}: {exc}"))
             continue

@@ -4,8 +4,11 @@ After the model's turn the trainer must see exactly what a chat template would h
 the conversation so far: the separator the template puts after the assistant's end-of-turn token
 (a newline for Qwen), the observation turn, and the generation prompt. Rendering the observation
 after a dummy prefix and trimming that prefix drops the separator (verl #6921), so instead the
-pieces around the observation content are learned once per (template, tools, role) by rendering
-a conversation with sentinel strings, and cached.
+pieces around the observation content are learned once per (template, tools, role, template
+kwargs) by rendering a conversation with sentinel strings, and cached. The template kwargs are
+slime's ``--apply-chat-template-kwargs`` (e.g. ``enable_thinking``): they render the first prompt,
+so they must render every later turn's generation prompt too, or a Qwen3-style template would
+prompt turn 1 with ``<think>\n\n</think>\n\n`` and later turns without it.
 
 Per turn only the observation's own content is encoded: its text as *untrusted* (special-token
 strings such as a quoted ``<|im_end|>`` stay text), images as the template's image placeholder.
@@ -50,31 +53,45 @@ class ObservationEncoder:
 
     def __init__(self, processing: Processing) -> None:
         self.processing = processing
-        self._pieces: dict[tuple[str, str], ObservationPieces] = {}
+        self._pieces: dict[tuple[str, str, str], ObservationPieces] = {}
         self._trusted_ids: dict[str, list[int | str]] = {}
         self._lock = threading.Lock()
         specials = sorted(processing.special_token_strings, key=len, reverse=True)
         self._special_re = re.compile("|".join(re.escape(s) for s in specials)) if specials else None
 
     # -- template pieces -------------------------------------------------------------------------
-    def pieces(self, role: str, tools: list[dict] | None = None) -> ObservationPieces:
-        key = (role, json.dumps(tools, sort_keys=True) if tools else "")
+    def pieces(
+        self, role: str, tools: list[dict] | None = None, template_kwargs: dict[str, Any] | None = None
+    ) -> ObservationPieces:
+        key = (
+            role,
+            json.dumps(tools, sort_keys=True) if tools else "",
+            json.dumps(template_kwargs, sort_keys=True, default=repr) if template_kwargs else "",
+        )
         with self._lock:
             if key not in self._pieces:
-                self._pieces[key] = self._learn_pieces(role, tools)
+                self._pieces[key] = self._learn_pieces(role, tools, template_kwargs or {})
             return self._pieces[key]
 
-    def _render(self, messages: list[dict], tools: list[dict] | None, generation_prompt: bool) -> str:
+    def _render(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None,
+        generation_prompt: bool,
+        template_kwargs: dict[str, Any],
+    ) -> str:
         return self.processing.tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+            messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt, **template_kwargs
         )
 
-    def _learn_pieces(self, role: str, tools: list[dict] | None) -> ObservationPieces:
+    def _learn_pieces(
+        self, role: str, tools: list[dict] | None, template_kwargs: dict[str, Any]
+    ) -> ObservationPieces:
         eos = self.processing.eos_token
         base = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": _MODEL_SENTINEL}]
         text_obs = {"role": role, "content": _TEXT_SENTINEL}
         image_obs = {"role": role, "content": [{"type": "image"}, {"type": "text", "text": _TEXT_SENTINEL}]}
-        rendered = self._render(base + [text_obs], tools, True)
+        rendered = self._render(base + [text_obs], tools, True, template_kwargs)
         model_at = rendered.find(_MODEL_SENTINEL)
         end_of_turn = rendered.find(eos, model_at)
         if model_at < 0 or end_of_turn < 0:
@@ -83,7 +100,7 @@ class ObservationEncoder:
         before, sep, after = continuation.partition(_TEXT_SENTINEL)
         if not sep:
             raise TemplateShapeError(f"the chat template drops the content of {role!r} messages")
-        with_image = self._render(base + [image_obs], tools, True)
+        with_image = self._render(base + [image_obs], tools, True, template_kwargs)
         image_continuation = with_image[with_image.find(eos, with_image.find(_MODEL_SENTINEL)) + len(eos) :]
         if not (image_continuation.startswith(before) and image_continuation.endswith(_TEXT_SENTINEL + after)):
             raise TemplateShapeError(f"the chat template renders images in {role!r} messages unexpectedly")
@@ -115,11 +132,17 @@ class ObservationEncoder:
         self._trusted_ids[text] = parts
         return parts
 
-    def encode_message(self, message: dict[str, Any], tools: list[dict] | None = None) -> EncodedObservation:
-        """Token ids of ``message`` as the continuation after the assistant's end-of-turn token.
-        Images are single ``<|image_pad|>`` placeholders here; the episode expands them."""
+    def encode_message(
+        self,
+        message: dict[str, Any],
+        tools: list[dict] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> EncodedObservation:
+        """Token ids of ``message`` as the continuation after the assistant's end-of-turn token,
+        rendered with ``template_kwargs`` (the ones the prompt was rendered with). Images are single
+        ``<|image_pad|>`` placeholders here; the episode expands them."""
         role = message.get("role") or "tool"
-        pieces = self.pieces(role, tools)
+        pieces = self.pieces(role, tools, template_kwargs)
         content = message.get("content")
         parts: list[int | str] = list(self._split_trusted(pieces.before))
         rendered = [pieces.before]

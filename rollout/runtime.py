@@ -22,6 +22,7 @@ from rollout.gc_pacing import GcPacer
 from rollout.image_cache import ProcessedImageCache
 from rollout.observation import ObservationEncoder
 from rollout.processing import ProcessingCache
+from rollout.prompts import chat_template_kwargs
 
 
 class RolloutRuntime:
@@ -62,6 +63,7 @@ class RolloutRuntime:
             env_executor=self._executor,
             prep_executor=self._prep_executor,
             image_cache=self.image_cache,
+            chat_template_kwargs=chat_template_kwargs(args),
         )
 
     async def context_async(self, args: Any) -> EpisodeContext:

@@ -10,11 +10,13 @@ pad runs occur in the flattened batch (what Qwen-VL models expect).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from models.logprobs import token_log_probs
+from trainer.metrics import REFUSED_KEY
 
 _MM_KEYS = ("pixel_values", "image_grid_thw")
 
@@ -41,10 +43,16 @@ class TrainSample:
 def untrainable_reason(tokens: list[int], mm: dict, model_config) -> str | None:
     """Why a sequence cannot go through the model's forward pass, or None.
 
-    Qwen-VL matches vision placeholders to features: every ``<|video_pad|>`` needs video inputs (we
-    have none) and the image-pad count must equal what ``image_grid_thw`` provides. A sampled
-    placeholder token breaks that, and the forward pass would raise mid-update.
+    Token ids index the embedding, so each must be in ``[0, vocab_size)`` of the model config (the
+    embedding's size, which may exceed the tokenizer's length; the rollout checks the tighter
+    tokenizer bound). Qwen-VL matches vision placeholders to features: every ``<|video_pad|>``
+    needs video inputs (we have none) and the image-pad count must equal what ``image_grid_thw``
+    provides. A sampled placeholder token breaks that, and the forward pass would raise mid-update.
     """
+    vocab_size = getattr(getattr(model_config, "text_config", model_config), "vocab_size", None)
+    if vocab_size is not None and tokens and (min(tokens) < 0 or max(tokens) >= vocab_size):
+        position, token = next((i, t) for i, t in enumerate(tokens) if not 0 <= t < vocab_size)
+        return f"token id {token} at position {position} is outside the model's embedding [0, {vocab_size})"
     video_id = getattr(model_config, "video_token_id", None)
     if video_id is not None and video_id in tokens:
         return "the sequence holds <|video_pad|> tokens but no video inputs"
@@ -64,7 +72,9 @@ def to_train_sample(sample, position: int, advantage: float, model_config=None) 
     A removed sample (``remove_sample``) keeps its place but gets an all-zero loss mask, exactly as
     slime zeroes it, so it adds nothing to the loss yet still counts in the step's sample mean. A
     sample the model cannot be run on (see :func:`untrainable_reason`, checked when
-    ``model_config`` is given) is treated the same way and says why in ``excluded``.
+    ``model_config`` is given) or with a log-prob that is not finite is treated the same way and
+    says why in ``excluded``; when the rollout kept it, the reason is also written to
+    ``sample.metadata[REFUSED_KEY]``, which :func:`trainer.metrics.rollout_metrics` counts.
     """
     tokens = list(sample.tokens)
     response_length = int(sample.response_length)
@@ -91,8 +101,19 @@ def to_train_sample(sample, position: int, advantage: float, model_config=None) 
         )
     mm = sample.multimodal_train_inputs or {}
     excluded = untrainable_reason(tokens, mm, model_config) if model_config is not None else None
+    if excluded is None and not math.isfinite(sum(log_probs)):
+        bad = next(((i, v) for i, v in enumerate(log_probs) if not math.isfinite(v)), None)
+        if bad is not None:
+            excluded = f"rollout log-prob {bad[1]} at response position {bad[0]} is not a finite number"
+    if excluded and not sample.remove_sample and isinstance(sample.metadata, dict):
+        # The rollout should have failed this sample; what got through is recorded with it and
+        # counted per step (train/refused_samples).
+        sample.metadata[REFUSED_KEY] = excluded
     if sample.remove_sample or excluded:
         loss_mask = [0] * response_length
+        # Left out of every forward pass (no trained token), and zeroed so that a NaN cannot
+        # reach the loss even through a masked position (NaN * 0 is NaN).
+        log_probs = [0.0] * response_length
     return TrainSample(
         position=position,
         input_ids=torch.tensor(tokens, dtype=torch.long),

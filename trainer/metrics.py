@@ -19,6 +19,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 PASS_THRESHOLD = 1.0
+#: ``sample.metadata`` key where the trainer writes why it refused a sample the rollout kept
+#: (trainer.batch.to_train_sample): ids outside the embedding, non-finite log-probs.
+REFUSED_KEY = "trainer_refused"
 
 
 def _mean(values: list[float]) -> float:
@@ -26,7 +29,8 @@ def _mean(values: list[float]) -> float:
 
 
 def rollout_metrics(samples: list[Any]) -> dict[str, float]:
-    """Summary of one rollout's episodes. Rewards must already be set on the samples."""
+    """Summary of one rollout's episodes. Rewards must already be set on the samples, and the
+    samples must have been through trainer.batch.to_train_sample for ``train/refused_samples``."""
     rewards = [float(s.reward) for s in samples]
     turns, valid, invalid, model_tokens, solved_turns = [], 0, 0, [], []
     for s in samples:
@@ -53,6 +57,9 @@ def rollout_metrics(samples: list[Any]) -> dict[str, float]:
         "rollout/model_tokens_mean": _mean(model_tokens),
         "rollout/solved_at_turn_mean": _mean(solved_turns) if solved_turns else math.nan,
         "rollout/removed_fraction": sum(bool(s.remove_sample) for s in samples) / n if n else 0.0,
+        # Defence in depth: the rollout should fail every such sample itself, so anything but 0
+        # here points at a rollout check that let bad engine output through.
+        "train/refused_samples": float(sum(REFUSED_KEY in (s.metadata or {}) for s in samples)),
     }
     for status in ("completed", "truncated", "aborted", "failed"):
         metrics[f"rollout/{status}_fraction"] = statuses.get(status, 0) / n if n else 0.0

@@ -312,9 +312,15 @@ def parse_generate_response(body: Any) -> GenerateResult:
         entries = []  # an early abort may carry no tokens at all
     try:
         log_probs = [float(entry[0]) for entry in entries]
-        token_ids = [int(entry[1]) for entry in entries]
-    except (TypeError, ValueError, IndexError) as exc:
+        token_ids = [entry[1] for entry in entries]
+    except (TypeError, ValueError, IndexError, KeyError) as exc:
         raise EngineError(f"malformed output_token_logprobs: {exc}", retriable=False) from None
+    if set(map(type, token_ids)) - {int}:
+        # int() would turn 3.7 into 3 and "12" into 12: a token id must arrive as an integer.
+        token = next(token for token in token_ids if type(token) is not int)
+        raise EngineError(f"malformed output_token_logprobs: token id {token!r} is not an integer", retriable=False)
+    if body["meta_info"].get("output_token_logprobs") is not None:
+        _check_output_counts(body, meta, token_ids)
     return GenerateResult(
         token_ids=token_ids,
         log_probs=log_probs,
@@ -323,3 +329,33 @@ def parse_generate_response(body: Any) -> GenerateResult:
         matched_stop=finish.get("matched"),
         meta_info=meta,
     )
+
+
+def _check_output_counts(body: dict[str, Any], meta: dict[str, Any], token_ids: list[int]) -> None:
+    """The per-token list must cover the whole output: ``output_ids`` and
+    ``meta_info.completion_tokens`` (each checked when present) must agree with it. Otherwise the
+    trajectory would lose the tail that ``text`` still holds, and the env would grade (and reward)
+    words whose tokens are not in it."""
+    output_ids = body.get("output_ids")
+    if output_ids is not None:
+        if not isinstance(output_ids, list):
+            raise EngineError(f"output_ids is {type(output_ids).__name__}, not a list", retriable=False)
+        if output_ids != token_ids:
+            if len(output_ids) != len(token_ids):
+                detail = f"{len(token_ids)} entries for {len(output_ids)} output_ids"
+            else:
+                at = next(i for i, (a, b) in enumerate(zip(output_ids, token_ids, strict=True)) if a != b)
+                detail = f"token {token_ids[at]!r} at position {at} where output_ids has {output_ids[at]!r}"
+            raise EngineError(
+                f"output_token_logprobs disagrees with output_ids ({detail}); the response is refused "
+                "rather than trained on with tokens that do not match its text",
+                retriable=False,
+            )
+    completion = meta.get("completion_tokens")
+    if completion is not None and completion != len(token_ids):
+        raise EngineError(
+            f"output_token_logprobs has {len(token_ids)} entries but meta_info.completion_tokens is "
+            f"{completion!r}; the response is refused rather than trained on with tokens that do not "
+            "match its text",
+            retriable=False,
+        )
