@@ -22,25 +22,25 @@ from transformers import Qwen2Tokenizer
 from models.cache import cache_dir
 from models.chat_templates import chat_template
 from models.processors import PROCESSOR_CLASSES, build_processor
-from models.qwen_vocab import (
-    NON_SPECIAL_ADDED_TOKENS,
-    SPECIAL_TOKENS,
-    build_full_vocab_tokenizer,
-    build_small_vocab_tokenizer,
-)
+from models.qwen_vocab import VOCABULARIES, build_full_vocab_tokenizer, build_small_vocab_tokenizer
 from models.tiny import MODEL_CLASSES, build_tiny_model
 
 # Bump when a preset's build changes, so stale caches are rebuilt rather than silently reused.
 BUILD_VERSION = 1
-_ADDED_TOKEN_COUNT = len(SPECIAL_TOKENS) + len(NON_SPECIAL_ADDED_TOKENS)
-_MODEL_TYPE_TO_FAMILY = {"qwen2_5_vl": "qwen2.5-vl", "qwen3_vl": "qwen3-vl"}
+_MODEL_TYPE_TO_FAMILY = {
+    "qwen2_5_vl": "qwen2.5-vl",
+    "qwen3_vl": "qwen3-vl",
+    "qwen3_5": "qwen3.5",
+    "qwen3_5_moe": "qwen3.5-moe",
+}
 
 
 @dataclass(frozen=True)
 class Preset:
-    family: str  # "qwen2.5-vl" | "qwen3-vl"
+    family: str  # a key of models.tiny.MODEL_CLASSES
     template: str  # a name from models.chat_templates.TEMPLATE_NAMES
     small_vocab: bool
+    vocabulary: str = "qwen"  # a key of models.qwen_vocab.VOCABULARIES
 
 
 PRESETS: dict[str, Preset] = {
@@ -49,6 +49,9 @@ PRESETS: dict[str, Preset] = {
     "tiny-qwen3-vl-thinking": Preset("qwen3-vl", "qwen3-vl-thinking", small_vocab=False),
     "tiny-qwen2.5-vl-small-vocab": Preset("qwen2.5-vl", "qwen2.5-vl", small_vocab=True),
     "tiny-qwen3-vl-small-vocab": Preset("qwen3-vl", "qwen3-vl-instruct", small_vocab=True),
+    "tiny-qwen3.5": Preset("qwen3.5", "qwen3.5", small_vocab=False, vocabulary="qwen3_5"),
+    "tiny-qwen3.5-moe": Preset("qwen3.5-moe", "qwen3.5", small_vocab=False, vocabulary="qwen3_5"),
+    "tiny-qwen3.5-small-vocab": Preset("qwen3.5", "qwen3.5", small_vocab=True, vocabulary="qwen3_5"),
 }
 
 
@@ -66,7 +69,8 @@ class PolicyNotFound(FileNotFoundError):
 
 
 def build_tokenizer(preset: Preset) -> Qwen2Tokenizer:
-    backend = build_small_vocab_tokenizer() if preset.small_vocab else build_full_vocab_tokenizer()
+    vocab = VOCABULARIES[preset.vocabulary]
+    backend = build_small_vocab_tokenizer(vocab=vocab) if preset.small_vocab else build_full_vocab_tokenizer(vocab)
     tokenizer = Qwen2Tokenizer(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = chat_template(preset.template)
     return tokenizer
@@ -87,14 +91,14 @@ def preset_dir(name: str) -> Path:
     """The checkpoint directory of a preset, building it on first use."""
     preset = PRESETS[name]
     target = cache_dir() / "presets" / f"{name}-v{BUILD_VERSION}"
-    with _exclusive(target.with_suffix(".lock")):
+    with _exclusive(target.with_name(target.name + ".lock")):
         if (target / "config.json").is_file():
             return target
         staging = target.with_name(target.name + ".building")
         shutil.rmtree(staging, ignore_errors=True)
         tokenizer = build_tokenizer(preset)
         processor = build_processor(preset.family, tokenizer, chat_template(preset.template))
-        regular_vocab = len(tokenizer) - _ADDED_TOKEN_COUNT
+        regular_vocab = len(tokenizer) - VOCABULARIES[preset.vocabulary].added_tokens
         model = build_tiny_model(preset.family, len(tokenizer), regular_vocab)
         model.generation_config.do_sample = True
         model.generation_config.top_k = 0

@@ -34,6 +34,11 @@ IMAGE_PROCESSOR_SETTINGS = {
         image_std=[0.5, 0.5, 0.5],
     ),
 }
+# Qwen3.5 keeps Qwen3-VL's image pipeline: transformers maps qwen3_5 / qwen3_5_moe to
+# Qwen2VLImageProcessor and Qwen3VLProcessor, and its vision config has patch 16, merge 2,
+# temporal patch 2. The sizes and mean/std are Qwen3-VL's (see models/README.md).
+IMAGE_PROCESSOR_SETTINGS["qwen3.5"] = IMAGE_PROCESSOR_SETTINGS["qwen3-vl"]
+IMAGE_PROCESSOR_SETTINGS["qwen3.5-moe"] = IMAGE_PROCESSOR_SETTINGS["qwen3-vl"]
 
 
 class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
@@ -48,7 +53,12 @@ class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
         super().__init__(image_processor, tokenizer, video_processor=None, chat_template=chat_template, **kwargs)
 
 
-PROCESSOR_CLASSES = {"qwen2.5-vl": ImageOnlyQwen2_5_VLProcessor, "qwen3-vl": ImageOnlyQwen3VLProcessor}
+PROCESSOR_CLASSES = {
+    "qwen2.5-vl": ImageOnlyQwen2_5_VLProcessor,
+    "qwen3-vl": ImageOnlyQwen3VLProcessor,
+    "qwen3.5": ImageOnlyQwen3VLProcessor,
+    "qwen3.5-moe": ImageOnlyQwen3VLProcessor,
+}
 
 
 def build_image_processor(family: str) -> Qwen2VLImageProcessorPil:

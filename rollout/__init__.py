@@ -1,7 +1,7 @@
 """Multi-turn rollouts: slime's ``generate`` / ``reward`` entry points, engines and the episode loop.
 
 ``rollout.generate`` and ``rollout.reward`` are what slime's ``--custom-generate-function-path``
-and ``--custom-rm-path`` name. They are imported lazily so that ``import rollout`` stays cheap and
+and ``--custom-rm-path`` name (``rollout.group_reward`` with ``--group-rm``). They are imported lazily so that ``import rollout`` stays cheap and
 never imports slime.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["generate", "reward"]
+__all__ = ["generate", "group_reward", "reward"]
 
 
 async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], evaluation: bool = False) -> Any:
@@ -22,3 +22,9 @@ async def reward(args: Any, sample: Any = None, samples: list[Any] | None = None
     from rollout.entrypoints import reward as _reward
 
     return await _reward(args, sample, samples=samples, **kwargs)
+
+
+async def group_reward(args: Any, samples: list[Any], **kwargs: Any) -> list[float]:
+    from rollout.entrypoints import group_reward as _group_reward
+
+    return await _group_reward(args, samples, **kwargs)

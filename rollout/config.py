@@ -5,11 +5,12 @@ schema, so a typo silently becomes a new attribute and a missing key raises Attr
 the YAML ourselves when its path is known (every key validated, unknown keys rejected with the
 nearest valid name) and otherwise take the known keys from ``args`` with defaults.
 
-``image_token_mode``: SGLang's Qwen-VL path accepts a prompt with either one ``<|image_pad|>`` per
-image or the processor's expanded run. slime's patched SGLang re-tokenizes expanded ids, and the
-expanded form is only right when SGLang's own resize yields our token count; otherwise the model
-"cannot see" images on later turns (slime issues #1847, #2388). ``single_pad`` (default) sends one
-pad per image and lets the server expand it; the training sequence always holds the expanded run.
+Image tokens are not a setting: every request carries one ``<|image_pad|>`` per image and the
+engine expands it with its own processor, while the training sequence holds the expanded run.
+Sending the expanded run instead (the former ``image_token_mode: expanded``) fails on SGLang 0.5.23
+(Qwen2.5-VL: the request never returns; Qwen3-VL: HTTP 500), and slime's patched SGLang collapses
+such runs anyway (slime issues #1847, #2388). Whether the engine expanded each image to our pad
+count is checked at every turn against ``meta_info.prompt_tokens`` (see rollout.episode).
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ import yaml
 
 from envs.base import did_you_mean
 
-IMAGE_TOKEN_MODES = ("single_pad", "expanded")
+# Settings that no longer exist, with why: a YAML that still sets one fails with this, not with a
+# generic unknown-key error that would suggest a near name.
+REMOVED_SETTINGS = {
+    "image_token_mode": (
+        "requests always carry one <|image_pad|> per image, expanded by the engine (the training "
+        "sequence keeps the expanded run); sending the expanded run fails on SGLang 0.5.23 (Qwen2.5-VL: "
+        "the request never returns; Qwen3-VL: HTTP 500) and slime's patched SGLang collapses it anyway. "
+        "Delete the key"
+    ),
+}
 
 
 class ConfigError(ValueError):
@@ -36,7 +46,6 @@ class RolloutConfig:
     rollout_interaction_env_path: str = "envs.geo3k"
     env_kwargs: dict[str, Any] = field(default_factory=dict)
     max_tokens_per_turn: int | None = None
-    image_token_mode: str = "single_pad"
     tools_in_prompt: bool = False
     request_timeout_s: float = 600.0
     request_max_retries: int = 3
@@ -57,11 +66,6 @@ class RolloutConfig:
             _check_type("max_tokens_per_turn", self.max_tokens_per_turn, int)
             if self.max_tokens_per_turn < 1:
                 raise ConfigError(f"max_tokens_per_turn must be >= 1 or null, got {self.max_tokens_per_turn}")
-        if self.image_token_mode not in IMAGE_TOKEN_MODES:
-            raise ConfigError(
-                f"image_token_mode must be one of {IMAGE_TOKEN_MODES}, got {self.image_token_mode!r}"
-                + did_you_mean(str(self.image_token_mode), IMAGE_TOKEN_MODES)
-            )
         _check_type("tools_in_prompt", self.tools_in_prompt, bool)
         _check_type("request_timeout_s", self.request_timeout_s, (int, float))
         if self.request_timeout_s <= 0:
@@ -89,6 +93,8 @@ class RolloutConfig:
             raise ConfigError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
         known = cls.setting_names()
         for key in values:
+            if key in REMOVED_SETTINGS:
+                raise ConfigError(_removed(source, key))
             if key not in known:
                 raise ConfigError(
                     f"{source}: unknown plugin setting {key!r}.{did_you_mean(str(key), known)} "
@@ -114,6 +120,9 @@ class RolloutConfig:
         path = getattr(args, "custom_config_path", None)
         if path:
             return _cached_yaml(str(path))
+        for key in REMOVED_SETTINGS:
+            if getattr(args, key, None) is not None:
+                raise ConfigError(_removed("args", key))
         values = {key: getattr(args, key) for key in _SETTING_NAMES if getattr(args, key, None) is not None}
         # generate runs once per episode, hundreds at once, on the event loop: validate once per
         # args object, and again whenever one of its settings is no longer the very same object.
@@ -127,6 +136,10 @@ class RolloutConfig:
             _ARGS_CACHE.clear()
         _ARGS_CACHE[id(args)] = (values, config)
         return config
+
+
+def _removed(source: str, key: str) -> str:
+    return f"{source}: the plugin setting {key!r} was removed: {REMOVED_SETTINGS[key]}."
 
 
 def _check_type(key: str, value: Any, expected: type | tuple[type, ...]) -> None:

@@ -1,5 +1,6 @@
 """slime's entry points: ``--custom-generate-function-path rollout.generate`` and
-``--custom-rm-path rollout.reward``. Importing them never imports slime."""
+``--custom-rm-path rollout.reward`` (``rollout.group_reward`` with ``--group-rm``). Importing them
+never imports slime."""
 
 from __future__ import annotations
 
@@ -34,7 +35,11 @@ def reward_of(sample: Any) -> float:
 
 
 async def reward(args: Any, sample: Any = None, samples: list[Any] | None = None, **_: Any) -> float | list[float]:
-    """slime's custom reward: one sample, or ``samples=[...]`` (batched) -> a list."""
+    """slime's ``--custom-rm-path rollout.reward``: ``reward(args, sample)`` -> a number.
+
+    A list (positionally or as ``samples=``) gives a list. With ``--group-rm`` use
+    :func:`group_reward` instead: slime's plugin contract wants the batched function's second
+    parameter named ``samples``, the single one's ``sample``."""
     if samples is None and isinstance(sample, (list, tuple)):
         samples = sample  # batched mode called positionally
     if samples is not None:
@@ -42,3 +47,9 @@ async def reward(args: Any, sample: Any = None, samples: list[Any] | None = None
     if sample is None:
         raise TypeError("reward() needs `sample` or `samples`")
     return reward_of(sample)
+
+
+async def group_reward(args: Any, samples: list[Any], **_: Any) -> list[float]:
+    """slime's ``--custom-rm-path rollout.group_reward --group-rm``: ``(args, samples)`` -> one
+    reward per sample, in order."""
+    return [reward_of(s) for s in samples]

@@ -100,6 +100,9 @@ class _State:
     payloads: list[Any] = field(default_factory=list)  # what the engine is sent for each image
     entries: list[ProcessedImage] = field(default_factory=list)  # their tensors, possibly still on the way
     turns: list[TurnRecord] = field(default_factory=list)
+    # The engine's routed experts (flat int32) for positions [0, routed_rows) of the sequence.
+    routed_experts: torch.Tensor | None = None
+    routed_rows: int = 0
 
 
 async def run_episode(ctx: EpisodeContext, args: Any, sample: Any, sampling_params: dict[str, Any]) -> Any:
@@ -135,6 +138,7 @@ async def run_episode(ctx: EpisodeContext, args: Any, sample: Any, sampling_para
         status, reason = "FAILED", f"image processing failed: {type(exc).__name__}: {exc}"
         state = _State()
     train_inputs = await loop.run_in_executor(ctx.prep_executor, _train_inputs, state)
+    status, reason = _attach_routed_experts(args, state, status, reason)
     _finish(ctx, args, sample, state, env, status_enum, status, reason, train_inputs)
     return sample
 
@@ -176,10 +180,9 @@ def _encode_prompt(ctx: EpisodeContext, sample: Any) -> _State:
     except Exception as exc:  # e.g. an aspect ratio the processor refuses
         raise _EpisodeEnded("FAILED", f"prompt image could not be processed: {type(exc).__name__}: {exc}") from None
     state.trajectory.prompt_ids = token_array(ids)
-    # Compressing the rendered prompt (a pad or two) gives what compressing the expansion would.
-    state.request_ids = token_array(
-        processing.compress_image_pads(rendered) if ctx.config.image_token_mode == "single_pad" else ids
-    )
+    # One pad per image, expanded by the engine (see rollout.config). Compressing the rendered
+    # prompt (a pad or two) gives what compressing the expansion would.
+    state.request_ids = token_array(processing.compress_image_pads(rendered))
     return state
 
 
@@ -359,6 +362,7 @@ async def _model_turn(ctx: EpisodeContext, state: _State, record: TurnRecord, pa
         raise _EpisodeEnded("FAILED", f"engine: {exc}") from None
     finally:
         record.engine_s = time.perf_counter() - started
+    _check_prompt_tokens(state, record, result.prompt_tokens)
     # Checked before any of it joins the trajectory: a removed sample still goes through slime's
     # forward pass, where a bad id or a NaN log-prob would break the whole step.
     problem = output_problem(result, len(processing.tokenizer))
@@ -382,12 +386,100 @@ async def _model_turn(ctx: EpisodeContext, state: _State, record: TurnRecord, pa
         raise _EpisodeEnded("FAILED", "the model generated vision placeholder tokens")
     segment = Segment(result.token_ids, True, result.text, log_probs=result.log_probs, meta_info=result.meta_info)
     state.trajectory.append(segment)
+    if result.routed_experts is not None:
+        _take_routed_experts(state, record, result.routed_experts, result.routed_experts_start_len)
     state.request_ids.extend(segment.tokens)
     if result.finish_reason == FINISH_ABORT:
         raise _EpisodeEnded("ABORTED", "the engine aborted the request")
     if result.finish_reason == FINISH_LENGTH and not _hit_turn_cap_only(ctx.config, left, result.token_ids):
         raise _EpisodeEnded("TRUNCATED", f"turn {record.turn} hit the generation limit")
     return result.text
+
+
+def _check_prompt_tokens(state: _State, record: TurnRecord, prompt_tokens: int | None) -> None:
+    """PITFALLS 19: the engine expands each image's single pad with its own image processor. Its
+    prompt length must be the training sequence's, or the policy saw other image tokens than the
+    trainer will feed it (and nothing else would notice). Engines that do not report it skip this."""
+    expected = state.trajectory.length
+    if prompt_tokens is None or prompt_tokens == expected:
+        return
+    record.error = f"engine prompt_tokens {prompt_tokens} != {expected}"
+    raise _EpisodeEnded(
+        "FAILED",
+        f"turn {record.turn}: the engine expanded the request to {prompt_tokens} prompt tokens but the "
+        f"training sequence holds {expected}: the engine's image processor resized an image differently "
+        "(a different pad count). Give SGLang the trainer's image processor settings (min_pixels / "
+        "max_pixels of hf_checkpoint's preprocessor_config.json, the same on both sides)",
+    )
+
+
+def _take_routed_experts(state: _State, record: TurnRecord, data: Any, start_len: int) -> None:
+    """Keep the engine's routed experts for the sequence so far (PITFALLS 21). SGLang reports one
+    row per position but the last, from ``start_len`` on; rows before it are the earlier turns'."""
+    try:
+        experts = _int32_array(data)
+    except Exception as exc:
+        raise _EpisodeEnded("FAILED", f"turn {record.turn}: unreadable routed_experts: {exc}") from None
+    rows = state.trajectory.length - 1 - start_len
+    width = experts.numel() // rows if rows > 0 else 0
+    kept_width = state.routed_experts.numel() // state.routed_rows if state.routed_rows else width
+    if rows <= 0 or width == 0 or experts.numel() != rows * width or width != kept_width:
+        raise _EpisodeEnded(
+            "FAILED",
+            f"turn {record.turn}: the engine returned {experts.numel()} routed expert ids for "
+            f"{max(rows, 0)} positions (routed_experts_start_len {start_len}, sequence "
+            f"{state.trajectory.length}), not a whole number of rows of {kept_width or 'equal'} ids",
+        )
+    if start_len:
+        if state.routed_rows < start_len:
+            raise _EpisodeEnded(
+                "FAILED",
+                f"turn {record.turn}: routed_experts_start_len {start_len} but only {state.routed_rows} "
+                "earlier rows are known",
+            )
+        experts = torch.cat([state.routed_experts[: start_len * width], experts])
+    state.routed_experts, state.routed_rows = experts, start_len + rows
+
+
+def _int32_array(data: Any) -> torch.Tensor:
+    """SGLang's routed_experts: base64 of little-endian int32 (its JSON form), or a list of ids."""
+    if isinstance(data, str):
+        import base64
+
+        return torch.frombuffer(bytearray(base64.b64decode(data, validate=True)), dtype=torch.int32)
+    return torch.as_tensor(data, dtype=torch.int32).reshape(-1)
+
+
+def _attach_routed_experts(args: Any, state: _State, status: str, reason: str) -> tuple[str, str]:
+    """With routing replay, hand the whole sequence's routed experts to the Sample through the last
+    segment's meta_info, as slime's Sample reads them (rows = len(tokens) - 1). A sequence the
+    engine's experts do not cover fails the sample: slime's trainer would replay wrong routing."""
+    replay = bool(getattr(args, "use_rollout_routing_replay", False))
+    segments = state.trajectory.segments
+    if not segments:
+        return status, reason
+    needed = state.trajectory.length - 1
+    if state.routed_rows < needed:
+        if not replay:
+            return status, reason
+        if status not in ("COMPLETED", "TRUNCATED"):  # failed or aborted for its own reason: kept
+            return status, f"{reason} (the engine's routed experts cover {state.routed_rows} of {needed} positions)"
+        return "FAILED", (
+            f"use_rollout_routing_replay is on but the engine's routed experts cover {state.routed_rows} of the "
+            f"sequence's {needed} positions (was SGLang started with --enable-return-routed-experts?)"
+        )
+    experts = state.routed_experts
+    width = experts.numel() // state.routed_rows
+    layers, topk = getattr(args, "num_layers", None), getattr(args, "moe_router_topk", None)
+    if isinstance(layers, int) and isinstance(topk, int) and width != layers * topk:
+        return "FAILED", (
+            f"the engine's routed experts have {width} ids per position, but num_layers x moe_router_topk "
+            f"is {layers} x {topk}"
+        )
+    last = segments[-1]
+    # A sequence cut after the engine's answer (vision tokens dropped) keeps the rows it still has.
+    last.meta_info = {**(last.meta_info or {}), "routed_experts": experts[: needed * width]}
+    return status, reason
 
 
 def _hit_turn_cap_only(config: RolloutConfig, left: int | None, token_ids: list[int]) -> bool:
@@ -428,8 +520,7 @@ def _observation_insert(ctx: EpisodeContext, encoded: Any, ids: list[int], text:
         expanded = processing.expand_image_pads(ids, [entry.pad_count for entry in entries])
     elif processing.count_image_pads(ids):
         raise ImagePadMismatch("the observation text holds image placeholders but no images")
-    request_tail = ids if ctx.config.image_token_mode == "single_pad" else expanded
-    return expanded, text, entries, request_tail
+    return expanded, text, entries, ids
 
 
 def _record_step_info(record: TurnRecord, info: Any, done: bool) -> None:

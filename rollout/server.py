@@ -9,7 +9,13 @@ the same rollout code can talk to a real SGLang deployment or to this process:
   ``cached_tokens``, ``weight_version`` and, with ``return_logprob``, ``output_token_logprobs`` as
   ``[logprob, token_id, null]`` triples);
 - ``GET /health`` (and ``/health_generate``), ``GET /get_model_info``, ``POST /abort_request``,
-  ``POST /flush_cache`` (a no-op: there is no prefix cache).
+  ``POST /flush_cache`` (a no-op: there is no prefix cache), ``GET /v1/loads`` (slime's ``abort()``
+  polls it after every rollout until no request is left).
+
+Field formats follow SGLang 0.5.23: ``meta_info.id`` is the request's ``rid`` or a generated hex
+string, ``weight_version`` a string (``"default"`` until the trainer first updates the weights),
+``prompt_tokens`` the prompt's length after each image's pad was expanded, and ``top_k`` must be -1
+or >= 1 (0 is a 400, as SGLang's ``SamplingParams.verify`` says).
 
 Bad requests get a 4xx with ``{"error": {"message": ..., "code": ...}}`` naming what was wrong and
 the server keeps serving; a 5xx means the server itself failed. ``make_app`` and ``start_server``
@@ -23,7 +29,10 @@ import asyncio
 import json
 import logging
 import signal
+import time
+import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from difflib import get_close_matches
 from typing import Any
 
@@ -35,6 +44,7 @@ from rollout.engines.local import LocalEngine
 logger = logging.getLogger(__name__)
 
 _ENGINE_KEY = web.AppKey("engine", LocalEngine)
+_IN_FLIGHT_KEY = web.AppKey("in_flight", list)
 _MODEL_PATH_KEY = web.AppKey("model_path", str)
 # Bodies carry images as data URIs; aiohttp's default limit (1 MiB) is smaller than one large PNG.
 MAX_BODY_BYTES = 256 * 1024 * 1024
@@ -117,6 +127,10 @@ def parse_generate_request(body: Any) -> GenerateRequest:
         sampling_params = {}
     if not isinstance(sampling_params, dict):
         raise BadRequest(f"sampling_params must be an object, got {type(sampling_params).__name__}")
+    top_k, temperature = sampling_params.get("top_k"), sampling_params.get("temperature")
+    greedy = isinstance(temperature, (int, float)) and 0 <= temperature < 1e-6  # SGLang sets top_k=1 then
+    if isinstance(top_k, int) and not isinstance(top_k, bool) and not greedy and (top_k < 1 and top_k != -1):
+        raise BadRequest(f"top_k must be -1 (disable) or at least 1, got {top_k}.")
     flags = {}
     for key in ("return_logprob", "return_text_in_logprobs"):
         value = body.get(key, False)
@@ -142,15 +156,24 @@ async def _generate(request: web.Request) -> web.Response:
     input_ids = parsed.input_ids
     if input_ids is None:
         input_ids = engine.tokenizer.encode(parsed.text)
+    # SGLang gives every request an id (a uuid4 hex) when the client sends none; /abort_request
+    # can then stop it by the id its response reports.
+    rid = parsed.rid if parsed.rid is not None else uuid.uuid4().hex
+    in_flight = request.app[_IN_FLIGHT_KEY]
+    in_flight[0] += 1
     try:
-        result = await engine.generate(input_ids, parsed.images, parsed.sampling_params, rid=parsed.rid)
+        result = await engine.generate(input_ids, parsed.images, parsed.sampling_params, rid=rid)
     except EngineError as exc:
         status = exc.status or (503 if exc.retriable else 400)
         return _error(status, str(exc))
     except Exception as exc:
         logger.exception("/generate failed")
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+    finally:
+        in_flight[0] -= 1
     meta_info = dict(result.meta_info)
+    meta_info["id"] = rid
+    meta_info["weight_version"] = weight_version_string(engine.weight_version)
     if parsed.return_logprob:
         meta_info["output_token_logprobs"] = [
             [log_prob, token, engine.tokenizer.decode([token]) if parsed.return_text_in_logprobs else None]
@@ -170,7 +193,7 @@ async def _model_info(request: web.Request) -> web.Response:
             "model_path": request.app[_MODEL_PATH_KEY],
             "tokenizer_path": request.app[_MODEL_PATH_KEY],
             "is_generation": True,
-            "weight_version": engine.weight_version,
+            "weight_version": weight_version_string(engine.weight_version),
             "max_batch_size": engine.max_batch_size,
             "vocab_size": engine.vocab_size,
             "max_context_length": engine.max_context,
@@ -197,16 +220,63 @@ async def _flush_cache(request: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+def weight_version_string(version: Any) -> str:
+    """SGLang's ``weight_version`` is a string, "default" until an update names one; the local
+    trainer counts updates from 0 (the initial weights)."""
+    return "default" if version is None or version == 0 else str(version)
+
+
+# SGLang's /v1/loads sections (``include=``); this server has only the core scalars.
+_LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
+
+
+async def _loads(request: web.Request) -> web.Response:
+    """SGLang's ``GET /v1/loads``: one load entry per data-parallel rank (here one). slime's
+    ``abort()`` reads ``num_running_reqs`` + ``num_waiting_reqs`` from it after each rollout."""
+    include = request.query.get("include")
+    sections = {part.strip() for part in include.split(",")} if include else set()
+    if not sections <= _LOAD_SECTIONS:
+        return _error(
+            400,
+            f"Invalid include sections: {sections - _LOAD_SECTIONS}. Valid options: {sorted(_LOAD_SECTIONS)}",
+        )
+    if request.query.get("format") == "prometheus":
+        return _error(400, "format=prometheus is not supported by this server; leave it out for JSON")
+    engine = request.app[_ENGINE_KEY]
+    in_flight = request.app[_IN_FLIGHT_KEY][0]
+    waiting = min(in_flight, len(getattr(engine, "_waiting", ())))
+    load = {
+        "timestamp": time.time(),
+        "dp_rank": 0,
+        "num_running_reqs": in_flight - waiting,
+        "num_waiting_reqs": waiting,
+        "max_running_requests": engine.max_batch_size,
+    }
+    if "dp_rank" in request.query and request.query["dp_rank"] != "0":
+        return _error(400, f"dp_rank {request.query['dp_rank']} does not exist (this server has dp_rank 0 only)")
+    return web.json_response(
+        {
+            "timestamp": datetime.now(timezone.utc).isoformat(),
+            "version": "vlm-multiturn-local",
+            "accelerator": None,
+            "num_accelerators": 1,
+            "loads": [load],
+        }
+    )
+
+
 def make_app(engine: LocalEngine, model_path: str) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[_ENGINE_KEY] = engine
     app[_MODEL_PATH_KEY] = str(model_path)
+    app[_IN_FLIGHT_KEY] = [0]  # /generate requests being served (one list: handlers update it in place)
     app.router.add_post("/generate", _generate)
     app.router.add_get("/health", _health)
     app.router.add_get("/health_generate", _health)
     app.router.add_get("/get_model_info", _model_info)
     app.router.add_post("/abort_request", _abort)
     app.router.add_route("*", "/flush_cache", _flush_cache)
+    app.router.add_get("/v1/loads", _loads)
     return app
 
 

@@ -44,8 +44,41 @@ def qwen3_small_policy():
     return load_policy("tiny-qwen3-vl-small-vocab", device="cpu")
 
 
-@pytest.fixture(params=["qwen25_policy", "qwen3_policy"])
+@pytest.fixture(scope="session")
+def qwen35_policy():
+    from models import load_policy
+
+    return load_policy("tiny-qwen3.5", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def qwen35_moe_policy():
+    from models import load_policy
+
+    return load_policy("tiny-qwen3.5-moe", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def qwen35_small_policy():
+    from models import load_policy
+
+    return load_policy("tiny-qwen3.5-small-vocab", device="cpu")
+
+
+# Every model family the fidelity tests cover: Qwen2.5-VL, Qwen3-VL and the hybrid (linear + full
+# attention) Qwen3.5, dense and MoE.
+FAMILY_POLICIES = ["qwen25_policy", "qwen3_policy", "qwen35_policy", "qwen35_moe_policy"]
+SMALL_VOCAB_POLICIES = ["qwen25_small_policy", "qwen3_small_policy", "qwen35_small_policy"]
+FAMILY_CHECKPOINTS = ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3.5", "tiny-qwen3.5-moe"]
+
+
+@pytest.fixture(params=FAMILY_POLICIES)
 def any_policy(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(params=SMALL_VOCAB_POLICIES)
+def any_small_policy(request):
     return request.getfixturevalue(request.param)
 
 
@@ -71,3 +104,10 @@ def qwen3_processing():
     from rollout.runtime import default_runtime
 
     return default_runtime().processing.get("tiny-qwen3-vl")
+
+
+@pytest.fixture(scope="session")
+def qwen35_processing():
+    from rollout.runtime import default_runtime
+
+    return default_runtime().processing.get("tiny-qwen3.5")

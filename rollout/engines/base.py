@@ -29,6 +29,15 @@ class GenerateResult:
     # What ended a "stop": a stop string (str) or a stop token id (int, EOS included, as SGLang reports it).
     matched_stop: int | str | None = None
     meta_info: dict[str, Any] = field(default_factory=dict)
+    # SGLang's meta_info.prompt_tokens: the request's length after the engine expanded each image's
+    # pad (None: an engine that does not report it, which skips the episode's check against ours).
+    prompt_tokens: int | None = None
+    # With return_routed_experts: SGLang's meta_info.routed_experts (int32 expert ids, base64 or a
+    # list), one row per position of the sequence but the last, from position
+    # ``routed_experts_start_len`` on. Not kept in meta_info: it is large and only the last turn's
+    # (which covers the whole sequence) reaches the Sample.
+    routed_experts: Any = None
+    routed_experts_start_len: int = 0
 
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.log_probs):

@@ -16,9 +16,11 @@ other episode waiting. The caller's loop only hands the request over and is woke
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import threading
+import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -191,14 +193,19 @@ class SGLangClient:
         max_retries: int = 3,
         backoff_s: float = 1.0,
         max_connections: int = 0,
+        return_routed_experts: bool = False,
     ) -> None:
         self.url = base_url.rstrip("/") + "/generate"
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_connections = max_connections
+        # slime's --use-rollout-routing-replay (MoE): every request asks for the experts each
+        # position was routed to, as slime's own rollout does.
+        self.return_routed_experts = return_routed_experts
         self._http = _LoopThread("sglang-http")
         self._session_: aiohttp.ClientSession | None = None
+        _OPEN_CLIENTS.add(self)
 
     @classmethod
     def from_args(cls, args: Any, config) -> SGLangClient:
@@ -213,6 +220,7 @@ class SGLangClient:
             timeout_s=config.request_timeout_s,
             max_retries=config.request_max_retries,
             backoff_s=config.request_retry_backoff_s,
+            return_routed_experts=bool(getattr(args, "use_rollout_routing_replay", False)),
         )
 
     def prepare_image(self, image: ImageInput) -> str:
@@ -237,6 +245,17 @@ class SGLangClient:
         if session is not None and not session.closed:
             await session.close()
 
+    def close_at_exit(self) -> None:
+        """Close the pool from a thread outside any event loop (the interpreter's exit): slime never
+        closes its generate function's resources, and a pool left to the garbage collector prints
+        "Unclosed client session" at every exit. A daemon thread still runs while atexit hooks do."""
+        loop = self._http._loop
+        if self._session_ is not None and loop is not None and loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(self._close_session(), loop)
+            with contextlib.suppress(Exception):  # exiting anyway: a pool that will not close is dropped
+                future.result(timeout=5)
+        self._http.stop()
+
     async def generate(
         self, input_ids: list[int], images: list[ImageInput], sampling_params: dict[str, Any]
     ) -> GenerateResult:
@@ -245,6 +264,8 @@ class SGLangClient:
             "sampling_params": sampling_params,
             "return_logprob": True,
         }
+        if self.return_routed_experts:
+            payload["return_routed_experts"] = True
         if images:
             payload["image_data"] = [self.prepare_image(image) for image in images]
         body = _dumps(payload)
@@ -298,7 +319,7 @@ def parse_generate_response(body: Any) -> GenerateResult:
     # data), without the per-token list: tokens and log-probs are taken out of it below, and its
     # hundreds of small lists per turn would otherwise live as long as the episode, each one walked
     # by every full garbage collection.
-    meta = {key: value for key, value in body["meta_info"].items() if key != "output_token_logprobs"}
+    meta = {key: value for key, value in body["meta_info"].items() if key not in _NOT_KEPT}
     finish = meta.get("finish_reason") or {}
     if isinstance(finish, str):
         finish = {"type": finish}
@@ -321,6 +342,13 @@ def parse_generate_response(body: Any) -> GenerateResult:
         raise EngineError(f"malformed output_token_logprobs: token id {token!r} is not an integer", retriable=False)
     if body["meta_info"].get("output_token_logprobs") is not None:
         _check_output_counts(body, meta, token_ids)
+    info = body["meta_info"]
+    prompt_tokens = info.get("prompt_tokens")
+    if prompt_tokens is not None and (isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int)):
+        raise EngineError(f"meta_info.prompt_tokens must be an integer, got {prompt_tokens!r}", retriable=False)
+    start_len = info.get("routed_experts_start_len") or 0
+    if isinstance(start_len, bool) or not isinstance(start_len, int) or start_len < 0:
+        raise EngineError(f"meta_info.routed_experts_start_len must be an integer >= 0, got {start_len!r}", retriable=False)
     return GenerateResult(
         token_ids=token_ids,
         log_probs=log_probs,
@@ -328,7 +356,23 @@ def parse_generate_response(body: Any) -> GenerateResult:
         finish_reason=reason,
         matched_stop=finish.get("matched"),
         meta_info=meta,
+        prompt_tokens=prompt_tokens,
+        routed_experts=info.get("routed_experts"),
+        routed_experts_start_len=start_len,
     )
+
+
+# Not kept in GenerateResult.meta_info: the per-token list (already in token_ids / log_probs) and
+# the routed experts (their own fields; megabytes a turn for a large MoE model).
+_NOT_KEPT = frozenset(("output_token_logprobs", "routed_experts", "routed_experts_start_len"))
+
+_OPEN_CLIENTS: weakref.WeakSet[SGLangClient] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_clients() -> None:
+    for client in list(_OPEN_CLIENTS):
+        client.close_at_exit()
 
 
 def _check_output_counts(body: dict[str, Any], meta: dict[str, Any], token_ids: list[int]) -> None:

@@ -22,13 +22,16 @@ def _user(text: str, images: int = 1):
     [
         ("qwen25_policy", 256, (1024, 1176), [[1, 32, 32]]),
         ("qwen3_policy", 196, (784, 1536), [[1, 28, 28]]),
+        ("qwen35_policy", 196, (784, 1536), [[1, 28, 28]]),
     ],
 )
 def test_processor_shapes_for_448_image(request, fixture, pads, pixel_shape, grid):
     policy = request.getfixturevalue(fixture)
     text = policy.tokenizer.apply_chat_template([_user("Find x.")], tokenize=False, add_generation_prompt=True)
     out = policy.processor(text=[text], images=[_image(448, 1)], return_tensors="pt")
-    assert int((out["input_ids"] == 151655).sum()) == pads
+    image_pad = policy.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert image_pad == policy.model.config.image_token_id
+    assert int((out["input_ids"] == image_pad).sum()) == pads
     assert tuple(out["pixel_values"].shape) == pixel_shape
     assert out["image_grid_thw"].tolist() == grid
 
@@ -134,8 +137,9 @@ def test_dropping_mm_token_type_ids_changes_log_probs(qwen25_policy):
     assert (right - wrong).abs().max().item() > 1e-2
 
 
-def test_swapping_images_changes_log_probs(qwen3_policy):
-    policy = qwen3_policy
+@pytest.mark.parametrize("fixture", ["qwen3_policy", "qwen35_policy", "qwen35_moe_policy"])
+def test_swapping_images_changes_log_probs(request, fixture):
+    policy = request.getfixturevalue(fixture)
     text = policy.tokenizer.apply_chat_template([_user("Which is bigger?", images=2)], tokenize=False)
     a, b = _image(112, 1), _image(112, 3)
     scores = []

@@ -145,12 +145,12 @@ async def test_model_tokens_are_never_retokenized(qwen25_processing):
     assert out.tokens[out.prompt_length : out.prompt_length + 4] == odd
 
 
-@pytest.mark.parametrize("mode", ["single_pad", "expanded"])
-async def test_images_reach_engine_and_train_inputs_in_token_order(qwen25_processing, mode, tmp_path):
-    """PITFALLS 5, 6, 16: every image of every turn is sent; pads expanded exactly once."""
+async def test_images_reach_engine_and_train_inputs_in_token_order(qwen25_processing, tmp_path):
+    """PITFALLS 5, 6, 16: every image of every turn is sent (one pad each, for the engine to
+    expand); the training sequence has pads expanded exactly once."""
     tok = qwen25_processing.tokenizer
     engine = ScriptedEngine(tok, ["first look", "second look", "third look"], prepare_image=lambda im: ("sent", im.size))
-    args = make_args(engine, rollout_interaction_env_path=TEST_ENVS, env_kwargs={"kind": "image"}, image_token_mode=mode)
+    args = make_args(engine, rollout_interaction_env_path=TEST_ENVS, env_kwargs={"kind": "image"})
     sample = make_sample(tok, images=1, size=112)
     out = await rollout.generate(args, sample, {})
     assert out.status == Status.COMPLETED and out.metadata["status_reason"] == "max_turns reached"
@@ -169,7 +169,7 @@ async def test_images_reach_engine_and_train_inputs_in_token_order(qwen25_proces
     assert mm["pixel_values"].shape[0] == 64 + 24 + 24
     for request in engine.requests:
         request_runs = _pad_runs(request["input_ids"], pad)
-        assert request_runs == ([1] * len(request_runs) if mode == "single_pad" else runs[: len(request_runs)])
+        assert request_runs == [1] * len(request_runs)
     # Train inputs equal processing each image alone, in order.
     alone = qwen25_processing.process_images([out.multimodal_inputs["images"][0]])
     assert torch.equal(mm["pixel_values"][:64], alone["pixel_values"])

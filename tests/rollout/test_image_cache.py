@@ -88,8 +88,9 @@ def test_equal_pixels_in_different_storage_are_never_confused(qwen25_processing,
     assert fresh_cache.get(qwen25_processing, rebuilt.copy()) is second
 
 async def test_first_request_does_not_wait_for_image_processing(qwen25_processing, fresh_cache):
-    """The request goes out with the predicted pad count while the processor is still blocked;
-    the finished sample then carries the processor's tensors."""
+    """The request goes out (one pad per image, for the engine to expand) while the processor is
+    still blocked, and the engine's prompt_tokens is checked against the predicted pad count; the
+    finished sample then carries the processor's tensors."""
     tok = qwen25_processing.tokenizer
     release = threading.Event()
     original = qwen25_processing.process_images
@@ -106,25 +107,27 @@ async def test_first_request_does_not_wait_for_image_processing(qwen25_processin
         from rollout.engines.base import GenerateResult
 
         ids = tok.encode(call("5"), add_special_tokens=False)
-        return GenerateResult(ids, [-0.1] * len(ids), tok.decode(ids), "stop", None, {})
+        # What SGLang reports: the request's length with its single pad expanded (140x140 -> 25).
+        expanded = len(input_ids) - 1 + 25
+        return GenerateResult(ids, [-0.1] * len(ids), tok.decode(ids), "stop", None, {}, prompt_tokens=expanded)
 
     engine = ScriptedEngine(tok, [reply])
     qwen25_processing.process_images = blocked
     try:
-        args = make_args(engine, image_token_mode="expanded")
+        args = make_args(engine)
         task = asyncio.ensure_future(rollout.generate(args, make_sample(tok, size=140), {}))
         await asyncio.wait_for(requested.wait(), timeout=30)
         assert not task.done()  # the sample cannot finish without its pixel_values
         (request,) = engine.requests
-        assert request["input_ids"].count(qwen25_processing.image_pad_id) == 25  # 140x140 -> 10x10 patches / 4
+        assert request["input_ids"].count(qwen25_processing.image_pad_id) == 1
         release.set()
         out = await asyncio.wait_for(task, timeout=30)
     finally:
         release.set()
         qwen25_processing.process_images = original
-    assert out.status == Status.COMPLETED
+    assert out.status == Status.COMPLETED, out.metadata["status_reason"]
     assert out.multimodal_train_inputs["image_grid_thw"].tolist() == [[1, 10, 10]]
-    assert out.tokens.count(qwen25_processing.image_pad_id) == 25
+    assert out.tokens.count(qwen25_processing.image_pad_id) == 25  # 140x140 -> 10x10 patches / 4
 
 
 async def test_a_wrong_prediction_fails_the_sample_with_the_reason(qwen25_processing, fresh_cache, monkeypatch):
@@ -144,9 +147,10 @@ async def test_a_processor_that_cannot_predict_is_waited_for(qwen25_processing, 
     image_processor = qwen25_processing.processor.image_processor
     monkeypatch.setattr(image_processor, "get_number_of_image_patches", None)
     engine = ScriptedEngine(tok, [call("5")])
-    out = await rollout.generate(make_args(engine, image_token_mode="expanded"), make_sample(tok, size=112), {})
+    out = await rollout.generate(make_args(engine), make_sample(tok, size=112), {})
     assert out.status == Status.COMPLETED
-    assert engine.requests[0]["input_ids"].count(qwen25_processing.image_pad_id) == 16
+    assert engine.requests[0]["input_ids"].count(qwen25_processing.image_pad_id) == 1
+    assert out.tokens.count(qwen25_processing.image_pad_id) == 16
 
 
 async def test_an_image_the_processor_refuses_fails_the_sample(qwen25_processing, fresh_cache):

@@ -6,13 +6,16 @@ import asyncio
 import json
 import socket
 import time
+import uuid
 
 import pytest
 from aiohttp import web
 
 import rollout
+from envs.images import load_image
 from rollout.engines.base import EngineError
 from rollout.engines.sglang_client import SGLangClient
+from rollout.image_cache import predicted_pad_count
 from rollout.sample import Sample
 
 from .conftest import call, make_args, make_sample
@@ -21,25 +24,42 @@ Status = Sample.Status
 
 
 class FakeSGLang:
-    """Answers /generate from a script: ("ok", text_ids), ("status", code), ("sleep", s), ("garbage",)."""
+    """Answers /generate from a script: ("ok", text_ids), ("status", code), ("sleep", s), ("garbage",).
 
-    def __init__(self, script):
+    ``prompt_tokens`` is reported as SGLang 0.5.23 does: the request's length after each image's
+    single pad was expanded, here by ``image_pads(image) -> count`` (SGLang's own resize rule), or
+    not at all when ``image_pads`` is None and the request has images (an older server)."""
+
+    def __init__(self, script, image_pads=None, pad_id=None):
         self.script = list(script)
         self.requests = []
+        self.image_pads = image_pads
+        self.pad_id = pad_id
+
+    def prompt_tokens(self, body):
+        images = body.get("image_data") or []
+        if not images:
+            return len(body["input_ids"])
+        if self.image_pads is None:
+            return None
+        assert body["input_ids"].count(self.pad_id) == len(images), "one pad per image"
+        return len(body["input_ids"]) + sum(self.image_pads(load_image(uri)) - 1 for uri in images)
 
     async def handle(self, request):
         self.requests.append(await request.json())
         action = self.script.pop(0) if self.script else ("status", 500)
         if action[0] == "ok":
             ids = action[1]
-            return web.json_response({
-                "text": action[2] if len(action) > 2 else "t",
-                "meta_info": {
-                    "finish_reason": {"type": "stop", "matched": 151645},
-                    "output_token_logprobs": [[-0.5, t, None] for t in ids],
-                    "prompt_tokens": 3, "completion_tokens": len(ids), "cached_tokens": 0,
-                },
-            })  # fmt: skip
+            meta = {
+                "id": uuid.uuid4().hex,
+                "finish_reason": {"type": "stop", "matched": 151645},
+                "output_token_logprobs": [[-0.5, t, None] for t in ids],
+                "prompt_tokens": self.prompt_tokens(self.requests[-1]),
+                "completion_tokens": len(ids), "cached_tokens": 0, "weight_version": "default",
+            }  # fmt: skip
+            if meta["prompt_tokens"] is None:
+                del meta["prompt_tokens"]
+            return web.json_response({"text": action[2] if len(action) > 2 else "t", "output_ids": ids, "meta_info": meta})
         if action[0] == "status":
             return web.json_response({"error": {"message": "nope"}}, status=action[1])
         if action[0] == "sleep":
@@ -52,8 +72,8 @@ class FakeSGLang:
 async def serve():
     runners = []
 
-    async def start(script):
-        fake = FakeSGLang(script)
+    async def start(script, **options):
+        fake = FakeSGLang(script, **options)
         app = web.Application()
         app.router.add_post("/generate", fake.handle)
         runner = web.AppRunner(app)
@@ -207,7 +227,11 @@ async def test_full_episode_over_http_sends_each_image_encoded_once(serve, qwen2
     tok = qwen25_processing.tokenizer
     ids4 = tok.encode(call("4"), add_special_tokens=False)
     ids5 = tok.encode(call("5"), add_special_tokens=False)
-    fake, port = await serve([("ok", ids4, call("4")), ("ok", ids5, call("5"))])
+    pads = qwen25_processing.image_pad_id
+    fake, port = await serve(
+        [("ok", ids4, call("4")), ("ok", ids5, call("5"))],
+        image_pads=lambda image: predicted_pad_count(qwen25_processing, image), pad_id=pads,
+    )
     import rollout.engines.sglang_client as client_module
 
     encoded = []
@@ -218,8 +242,8 @@ async def test_full_episode_over_http_sends_each_image_encoded_once(serve, qwen2
     assert out.status == Status.COMPLETED and out.metadata["outcome"]["score"] == 1.0
     assert encoded == [(112, 112)]  # encoded once for two requests
     assert fake.requests[0]["image_data"] == fake.requests[1]["image_data"]
-    # single_pad mode (the default): one pad per image in every request
-    assert fake.requests[1]["input_ids"].count(qwen25_processing.image_pad_id) == 1
+    # One pad per image in every request; the engine's expansion agreed with ours at both turns.
+    assert fake.requests[1]["input_ids"].count(pads) == 1
 
 
 def _http_threads() -> list:
