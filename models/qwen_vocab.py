@@ -215,7 +215,7 @@ def build_full_vocab_tokenizer(vocab: Vocabulary = QWEN2_VOCAB) -> Tokenizer:
     # like tiktoken, the available merge whose result ranks lowest. A token that tiktoken can never
     # produce (its bytes stop at three or more parts) gets no merge: it is never produced here either.
     merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+    for token in sorted(ranks, key=ranks.__getitem__):
         if len(token) == 1:
             continue
         parts = _parts_before_last_merge(token, ranks)
