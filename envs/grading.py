@@ -473,6 +473,9 @@ class _Worker:
         # When the answer it is grading was handed over (None while idle): a worker that has
         # spent the grader's slow_answer_s on one answer no longer counts toward the pool.
         self.busy_since: float | None = None
+        # True from the worker's acknowledgement of its current answer until the reply is read:
+        # the worker holds the answer and is grading it.
+        self.grading = False
         # Grader.wait_ready and a grading call may wait for the same starting worker; only one
         # of them may read its "ready" message, or the other would read a grading reply.
         self._ready_lock = threading.Lock()
@@ -584,6 +587,7 @@ class Grader:
         self._idle: queue.Queue[_Worker] = queue.Queue()
         self._all: set[_Worker] = set()
         self._spares: list[_Worker] = []
+        self._waiting = 0  # callers blocked in _acquire for a free worker
         self._started = False
         self._closed = False
 
@@ -648,6 +652,24 @@ class Grader:
         with self._lock:
             return [w.process.pid for w in self._spares if w.process.pid is not None]
 
+    def grading_pids(self) -> list[int]:
+        """Process ids of the workers that have acknowledged an answer and are grading it."""
+        with self._lock:
+            return [w.process.pid for w in self._all if w.grading and w.process.pid is not None]
+
+    def slow_pids(self) -> list[int]:
+        """Process ids of the workers that have held their current answer for ``slow_answer_s`` or
+        more: those no longer counted toward ``workers`` (see the class docstring)."""
+        with self._lock:
+            now = time.monotonic()
+            return [w.process.pid for w in self._slow_workers_locked(now) if w.process.pid is not None]
+
+    @property
+    def waiting(self) -> int:
+        """How many grading calls are blocked waiting for a free worker now (a queue that stays
+        long means the pool is too small)."""
+        return self._waiting
+
     # -- grading --------------------------------------------------------------------------------
 
     def grade(self, answer: str, label: str, *, timeout_s: float | None = None) -> GradeResult:
@@ -707,6 +729,7 @@ class Grader:
                 worker.conn.send((prepared, gold, timeout))
                 if worker.conn.poll(timeout + KILL_GRACE_S):
                     received = worker.conn.recv() == _RECEIVED
+                    worker.grading = received
                 if not received or not worker.conn.poll(max(0.0, deadline - time.monotonic())):
                     self._replace(worker)
                     return result(GradeStatus.TIMEOUT, detail=_timeout_detail(timeout))
@@ -739,9 +762,12 @@ class Grader:
         while len(self._spares) < self.spare_workers:
             self._spares.append(self._new_worker())
 
-    def _slow_locked(self, now: float) -> int:
+    def _slow_workers_locked(self, now: float) -> list[_Worker]:
         """Workers that have spent ``slow_answer_s`` or more on their current answer."""
-        return sum(1 for w in self._all if w.busy_since is not None and now - w.busy_since >= self.slow_answer_s)
+        return [w for w in self._all if w.busy_since is not None and now - w.busy_since >= self.slow_answer_s]
+
+    def _slow_locked(self, now: float) -> int:
+        return len(self._slow_workers_locked(now))
 
     def _top_up_locked(self) -> None:
         """Spawn until ``workers`` are not slow (or ``max_workers`` are running)."""
@@ -771,12 +797,17 @@ class Grader:
                 worker = self._idle.get_nowait()
             except queue.Empty:
                 regrow_in = self._grow()
+                with self._lock:
+                    self._waiting += 1
                 try:
                     worker = self._idle.get(timeout=max(0.0, min(deadline - time.monotonic(), regrow_in)))
                 except queue.Empty:
                     if time.monotonic() >= deadline:
                         return None
                     continue
+                finally:
+                    with self._lock:
+                        self._waiting -= 1
             try:
                 if worker.wait_ready(deadline - time.monotonic()):
                     if not worker.process.is_alive():
@@ -795,6 +826,7 @@ class Grader:
 
     def _release(self, worker: _Worker) -> None:
         worker.busy_since = None
+        worker.grading = False
         with self._lock:
             if worker in self._all:
                 self._idle.put(worker)

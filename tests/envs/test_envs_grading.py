@@ -31,9 +31,20 @@ from envs.grading import (
 HOSTILE = "\\boxed{10^{10^{10^{10}}}}"
 #: Hostile in a way no static check catches: sympy grinds on it until the timeout.
 SLOW = "\\boxed{9!!!!!}"
-# A worker killed for overrunning is replaced in the background; a call right after may wait for
-# the replacement to import math-verify (about 0.5 s here, more on a loaded machine).
-MARGIN_S = 3.0
+#: Timeout for answers that must be graded, not timed out: far above what they take even on a
+#: loaded machine, where workers at their low priority may get a small share of a core.
+AMPLE_S = 60.0
+#: Bound on waiting for a state the test expects (a hang guard, not a measurement).
+HANG_GUARD_S = 120.0
+
+
+def _wait_for(condition, what: str, timeout_s: float = HANG_GUARD_S) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` if it does not within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen within {timeout_s:g} s")
+        time.sleep(0.01)
 
 
 @pytest.mark.parametrize(
@@ -60,11 +71,12 @@ def test_extract_boxed(text: str, expected: str | None) -> None:
     assert extract_boxed(text) == expected
 
 
+# Linear on this text (milliseconds); without the caps on tries and on content length, the scan
+# is quadratic (hours). The timeout is a hang guard, not a measurement.
+@pytest.mark.timeout(60)
 def test_extract_boxed_is_fast_on_hostile_text() -> None:
     text = "\\boxed{" * 200_000 + "{" * 1_000_000
-    start = time.perf_counter()
     assert extract_boxed(text) is None
-    assert time.perf_counter() - start < 2.0
 
 
 @pytest.mark.parametrize(
@@ -124,7 +136,9 @@ def test_geo3k_answer_forms(
         None,
     )
     assert result.correct is (status is GradeStatus.CORRECT)
-    assert 0 < result.elapsed_s < MARGIN_S
+    # Graded, so the worker answered within its timeout (60 s); the pool's workers are idle, so
+    # the call does not wait for one.
+    assert 0 < result.elapsed_s < grader.timeout_s
 
 
 @pytest.mark.parametrize(
@@ -165,7 +179,11 @@ def test_text_labels_compare_as_text(grader: Grader, answer: str, status: GradeS
     assert grader.grade(answer, "A").status is status
 
 
-def test_hostile_answer_times_out(grader: Grader) -> None:
+def test_hostile_answer_times_out(grader: Grader, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The worker stops the answer at its timeout, then checks its own health before replying;
+    # on a loaded machine that can take longer than the parent's usual grace, after which the
+    # parent would kill the worker. This test is about the worker stopping the answer itself.
+    monkeypatch.setattr("envs.grading.KILL_GRACE_S", HANG_GUARD_S)
     grader.wait_ready()
     pids = grader.worker_pids()
     start = time.monotonic()
@@ -177,11 +195,12 @@ def test_hostile_answer_times_out(grader: Grader) -> None:
         "grading took longer than 1 s",
     )
     assert result.status.value == "not graded: timeout"
-    assert 1.0 <= result.elapsed_s <= wall < 1.0 + MARGIN_S
+    # The worker's alarm starts after the call did and fires after 1 s; the call ends after that.
+    assert 1.0 <= result.elapsed_s <= wall
     # The worker stopped the answer itself and stays in the pool: no process was replaced.
     assert sorted(grader.worker_pids()) == sorted(pids)
-    assert grader.grade("3", "3").status is GradeStatus.CORRECT
-    assert grader.grade("4", "3").status is GradeStatus.INCORRECT
+    assert grader.grade("3", "3", timeout_s=AMPLE_S).status is GradeStatus.CORRECT
+    assert grader.grade("4", "3", timeout_s=AMPLE_S).status is GradeStatus.INCORRECT
 
 
 @pytest.mark.parametrize(
@@ -221,11 +240,12 @@ def test_power_digits(answer: str, digits: float) -> None:
     assert power_digits(answer) == pytest.approx(digits)
 
 
-def test_power_digits_is_fast_on_hostile_text() -> None:
-    for text in ("10^{" * 250, "^" * 1000, "{" * 500 + "}" * 500, "(10)^{" * 166, "2^{3}+" * 166):
-        start = time.perf_counter()
-        power_digits(text[:1000])
-        assert time.perf_counter() - start < 0.5
+# Milliseconds; a scan exponential in the nesting depth would not finish (a hang guard, not a
+# measurement).
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("text", ["10^{" * 250, "^" * 1000, "{" * 500 + "}" * 500, "(10)^{" * 166, "2^{3}+" * 166])
+def test_power_digits_is_fast_on_hostile_text(text: str) -> None:
+    assert power_digits(text[:1000]) >= 0.0
 
 
 @pytest.mark.parametrize("answer", ["2^{2^{2}}", "10^{3}", "\\frac{2^{10}}{2^{8}}"])
@@ -250,7 +270,7 @@ def test_grading_from_eight_threads_at_once(grader: Grader) -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
+        t.join(HANG_GUARD_S)
     assert errors == []
     correct = {a for a, s in results.items() if s is GradeStatus.CORRECT}
     incorrect = {a for a, s in results.items() if s is GradeStatus.INCORRECT}
@@ -259,24 +279,27 @@ def test_grading_from_eight_threads_at_once(grader: Grader) -> None:
 
 async def test_grade_async_does_not_block_the_event_loop(grader: Grader) -> None:
     ticks = 0
+    grading = asyncio.create_task(grader.grade_async(SLOW, "3", timeout_s=1.0))
 
     async def ticker() -> None:
+        # Counts only while the grading task is unfinished. The grading task runs first: if it
+        # blocked the loop, it would be done before the ticker's first turn (at most one or two
+        # ticks, had it awaited something before blocking). If it does not block, the loop keeps
+        # turning for the whole of the grading, which lasts at least its 1 s timeout: a hundred
+        # turns of 10 ms, of which the assertion needs three, however loaded the machine.
         nonlocal ticks
-        while True:
-            await asyncio.sleep(0.05)
+        while not grading.done():
             ticks += 1
+            await asyncio.sleep(0.01)
 
-    task = asyncio.create_task(ticker())
-    result = await grader.grade_async(SLOW, "3", timeout_s=1.0)
-    task.cancel()
-    assert result.status is GradeStatus.TIMEOUT
-    # About 20 ticks happen in the 1 s of grading when the loop is free; none if it were blocked.
-    assert ticks >= 10
+    await asyncio.gather(grading, ticker())
+    assert grading.result().status is GradeStatus.TIMEOUT
+    assert ticks >= 3
     correct = await asyncio.gather(*(grader.grade_async(a, "2") for a in ("2", "4/2", "3")))
     assert [r.status for r in correct] == [GradeStatus.CORRECT, GradeStatus.CORRECT, GradeStatus.INCORRECT]
 
 
-def _wait_gone(pid: int, timeout: float = 5.0) -> None:
+def _wait_gone(pid: int, timeout: float = HANG_GUARD_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -304,20 +327,27 @@ def test_a_worker_killed_while_idle_is_replaced(grader: Grader) -> None:
 
 
 def test_a_worker_that_dies_while_grading_is_reported_and_replaced() -> None:
-    with Grader(workers=1, timeout_s=10.0) as grader:
+    # The timeout is far out of reach: the worker dies of the kill while grading, not of its alarm.
+    with Grader(workers=1, timeout_s=AMPLE_S) as grader:
         grader.wait_ready()
         (pid,) = grader.worker_pids()
-        threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
-        result = grader.grade(SLOW, "3")
+        results: list = []
+        thread = threading.Thread(target=lambda: results.append(grader.grade(SLOW, "3")), daemon=True)
+        thread.start()
+        # Killed once it has acknowledged the answer: a death before that would not be the
+        # answer's fault, and the answer would go to a fresh worker instead.
+        _wait_for(lambda: grader.grading_pids() == [pid], "the worker grading the answer")
+        os.kill(pid, signal.SIGKILL)
+        thread.join(HANG_GUARD_S)
+        (result,) = results
         assert result.status is GradeStatus.WORKER_CRASHED
         assert result.detail == "the grading worker died (exit code -9)"
-        assert result.elapsed_s < 5.0
         assert grader.grade("3", "3").status is GradeStatus.CORRECT
         assert grader.worker_pids() != [pid]
 
 
 def test_close_kills_workers_and_later_calls_are_unavailable() -> None:
-    grader = Grader(workers=1)
+    grader = Grader(workers=1, timeout_s=AMPLE_S)
     assert grader.worker_pids() == []  # nothing starts before first use
     assert grader.grade("1", "1").status is GradeStatus.CORRECT
     (pid,) = grader.worker_pids()
@@ -346,7 +376,9 @@ def test_no_worker_outlives_the_interpreter(tmp_path: Path) -> None:
     )
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=HANG_GUARD_S, env=env
+    )
     assert done.returncode == 0, done.stderr
     status, pids = done.stdout.splitlines()
     assert status == "correct"
@@ -380,22 +412,22 @@ def test_waiting_for_readiness_while_grading_does_not_steal_replies() -> None:
         grading = threading.Thread(target=lambda: results.append(grader.grade("2", "2").status))
         waiter.start()
         grading.start()
-        waiter.join(20)
-        grading.join(20)
+        waiter.join(HANG_GUARD_S)
+        grading.join(HANG_GUARD_S)
         assert (waiter.is_alive(), grading.is_alive(), results) == (False, False, [GradeStatus.CORRECT])
 
 
 def test_a_stuck_worker_is_killed_and_replaced_by_the_started_spare() -> None:
     """A worker that cannot stop an answer itself (simulated with SIGSTOP: stuck in native code) is
     killed once the grace period after the timeout has passed; the spare takes its place."""
-    with Grader(workers=1, timeout_s=0.5, spare_workers=1) as grader:
+    with Grader(workers=1, timeout_s=AMPLE_S, spare_workers=1) as grader:
         grader.wait_ready()
         (worker,), (spare,) = grader.worker_pids(), grader.spare_pids()
         os.kill(worker, signal.SIGSTOP)
-        start = time.monotonic()
-        result = grader.grade("3", "3")
+        result = grader.grade("3", "3", timeout_s=0.5)
         assert (result.status, result.detail) == (GradeStatus.TIMEOUT, "grading took longer than 0.5 s")
-        assert 0.5 + KILL_GRACE_S <= time.monotonic() - start < 0.5 + KILL_GRACE_S + MARGIN_S
+        # The parent gives up on the stopped worker only after the timeout and the grace.
+        assert result.elapsed_s >= 0.5 + KILL_GRACE_S
         _wait_gone(worker)
         # The spare (already past its sympy import) serves the next answer; a new spare starts.
         assert grader.worker_pids() == [spare]
@@ -405,12 +437,12 @@ def test_a_stuck_worker_is_killed_and_replaced_by_the_started_spare() -> None:
 
 
 def test_no_spares_when_asked_for_none() -> None:
-    with Grader(workers=1, timeout_s=0.5, spare_workers=0) as grader:
+    with Grader(workers=1, timeout_s=AMPLE_S, spare_workers=0) as grader:
         grader.wait_ready()
         assert grader.spare_pids() == []
         (worker,) = grader.worker_pids()
         os.kill(worker, signal.SIGSTOP)
-        assert grader.grade("3", "3").status is GradeStatus.TIMEOUT
+        assert grader.grade("3", "3", timeout_s=0.5).status is GradeStatus.TIMEOUT
         assert grader.grade("3", "3").status is GradeStatus.CORRECT  # served by a freshly started worker
         assert grader.worker_pids() != [worker]
 
@@ -419,15 +451,18 @@ def test_no_spares_when_asked_for_none() -> None:
 @contextlib.contextmanager
 def _stuck_on_first_answer(max_workers: int, results: list):
     """A one-worker pool whose worker is stopped (SIGSTOP: it neither grades nor times out) while
-    a thread grades "3" against "3" on it; yields (grader, stuck pid, that thread) once the answer
-    has been on the worker longer than slow_answer_s."""
-    with Grader(workers=1, spare_workers=1, timeout_s=10.0, slow_answer_s=0.2, max_workers=max_workers) as grader:
+    a thread grades "3" against "3" on it; yields (grader, stuck pid, that thread) once the grader
+    counts the worker as slow. The timeout is out of reach: the stopped worker resumes with the
+    answer still its own, however long the test takes to send SIGCONT."""
+    with Grader(
+        workers=1, spare_workers=1, timeout_s=AMPLE_S, slow_answer_s=0.2, max_workers=max_workers
+    ) as grader:
         grader.wait_ready()
         (stuck,) = grader.worker_pids()
         os.kill(stuck, signal.SIGSTOP)
         thread = threading.Thread(target=lambda: results.append(grader.grade("3", "3").status), daemon=True)
         thread.start()
-        time.sleep(0.4)
+        _wait_for(lambda: grader.slow_pids() == [stuck], "the stopped worker counted as slow")
         yield grader, stuck, thread
 
 
@@ -439,7 +474,7 @@ def test_answers_do_not_queue_behind_a_slow_one() -> None:
         assert slow_thread.is_alive(), "the second answer should not have waited for the first"
         assert len(grader.worker_pids()) == 2
         os.kill(stuck, signal.SIGCONT)
-        slow_thread.join(MARGIN_S)
+        slow_thread.join(HANG_GUARD_S)
         assert slow == [GradeStatus.CORRECT]
         # A new spare started when the old one joined; both workers stay (max_workers 2).
         assert stuck in grader.worker_pids() and len(grader.worker_pids()) == 2
@@ -452,13 +487,22 @@ def test_the_pool_grows_to_twice_its_size_by_default() -> None:
 
 
 def test_a_pool_at_max_workers_does_not_grow() -> None:
-    order: list[GradeStatus] = []
-    with _stuck_on_first_answer(1, order) as (grader, stuck, slow_thread):
-        threading.Timer(0.5, os.kill, (stuck, signal.SIGCONT)).start()
-        order.append(grader.grade("4", "5").status)
-        slow_thread.join(MARGIN_S)
-        assert order == [GradeStatus.CORRECT, GradeStatus.INCORRECT]  # the second waited for the first
-        assert grader.worker_pids() == [stuck]
+    first: list[GradeStatus] = []
+    second: list[GradeStatus] = []
+    with _stuck_on_first_answer(1, first) as (grader, stuck, slow_thread):
+        (spare,) = grader.spare_pids()
+        waiter = threading.Thread(target=lambda: second.append(grader.grade("4", "5").status), daemon=True)
+        waiter.start()
+        # The second call found no idle worker and, the pool being at max_workers, did not grow
+        # it: it waits for the stuck one.
+        _wait_for(lambda: grader.waiting == 1 or not waiter.is_alive(), "the second call waiting for a worker")
+        assert (waiter.is_alive(), grader.worker_pids(), grader.spare_pids()) == (True, [stuck], [spare])
+        os.kill(stuck, signal.SIGCONT)
+        slow_thread.join(HANG_GUARD_S)
+        waiter.join(HANG_GUARD_S)
+        assert (first, second) == ([GradeStatus.CORRECT], [GradeStatus.INCORRECT])
+        # Both answers went to the one worker; the spare never joined the pool.
+        assert (grader.worker_pids(), grader.spare_pids(), grader.waiting) == ([stuck], [spare], 0)
 
 
 def test_workers_and_spares_run_at_the_lower_priority() -> None:
@@ -482,7 +526,7 @@ def _worker_cpus_of(grader: Grader) -> list[frozenset[int]]:
 
 def test_workers_leave_the_lowest_cpu_to_the_caller_by_default() -> None:
     expected = ALLOWED_CPUS - {min(ALLOWED_CPUS)} if len(ALLOWED_CPUS) > 1 else ALLOWED_CPUS
-    with Grader(workers=1, spare_workers=1) as grader:
+    with Grader(workers=1, spare_workers=1, timeout_s=AMPLE_S) as grader:
         assert _worker_cpus_of(grader) == [expected, expected]
         assert grader.grade("\\boxed{4}", "4").status is GradeStatus.CORRECT
     # The caller's own mask is untouched.
@@ -491,7 +535,7 @@ def test_workers_leave_the_lowest_cpu_to_the_caller_by_default() -> None:
 
 def test_workers_run_on_the_cpus_they_are_given() -> None:
     lowest = min(ALLOWED_CPUS)
-    with Grader(workers=1, spare_workers=0, cpus=[lowest]) as grader:
+    with Grader(workers=1, spare_workers=0, cpus=[lowest], timeout_s=AMPLE_S) as grader:
         assert _worker_cpus_of(grader) == [frozenset({lowest})]
         assert grader.grade("7/2", "\\frac{7}{2}").status is GradeStatus.CORRECT
     with Grader(workers=1, spare_workers=0, cpus=ALLOWED_CPUS) as grader:
@@ -560,12 +604,12 @@ def test_workers_that_cannot_start_are_reported_as_such(tmp_path: Path) -> None:
     while starting: the answer is UNAVAILABLE at once, and the detail says why, not "busy"."""
     script = textwrap.dedent(
         """
-        import time
         from envs.grading import Grader
-        with Grader(workers=1, spare_workers=0) as grader:
-            started = time.monotonic()
+        # A wait for a free worker longer than the subprocess timeout below: a grader that
+        # waited for one instead of giving up would be caught by that timeout.
+        with Grader(workers=1, spare_workers=0, wait_timeout_s=3600) as grader:
             result = grader.grade("3", "3")
-            print(result.status.name, "|", result.detail, "|", round(time.monotonic() - started))
+            print(result.status.name, "|", result.detail)
         """
     )
     out = subprocess.run(
@@ -573,6 +617,5 @@ def test_workers_that_cannot_start_are_reported_as_such(tmp_path: Path) -> None:
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    status, detail, seconds = (part.strip() for part in out.stdout.strip().splitlines()[-1].split("|"))
+    status, detail = (part.strip() for part in out.stdout.strip().splitlines()[-1].split("|"))
     assert (status, detail) == ("UNAVAILABLE", "grading workers exit while starting (their error is on stderr)")
-    assert int(seconds) < 60  # not the 120 s wait for a free worker
