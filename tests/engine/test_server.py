@@ -61,7 +61,9 @@ async def test_generate_over_http_matches_the_engine(served, qwen25_small_policy
     ]
     assert meta["finish_reason"] == {"type": "length", "length": 6}
     assert meta["prompt_tokens"] == expanded_inputs(policy, text, [image_a])["input_ids"].shape[1]
-    assert (meta["completion_tokens"], meta["cached_tokens"], meta["weight_version"]) == (6, 0, 0)
+    assert (meta["completion_tokens"], meta["cached_tokens"], meta["weight_version"]) == (6, 0, "default")
+    # SGLang 0.5.23: a request sent without rid still gets an id (uuid4 hex), distinct per request.
+    assert isinstance(meta["id"], str) and len(meta["id"]) == 32 and int(meta["id"], 16) >= 0
 
     # `text` instead of ids, one image as a plain string, no log-probs requested.
     status, by_text = await _post(
@@ -70,6 +72,12 @@ async def test_generate_over_http_matches_the_engine(served, qwen25_small_policy
     assert status == 200
     assert by_text["output_ids"] == direct.token_ids
     assert "output_token_logprobs" not in by_text["meta_info"]
+    assert by_text["meta_info"]["id"] != meta["id"]
+    status, named = await _post(session, {"text": text, "image_data": to_data_uri(image_a), "sampling_params": params, "rid": "r-1"})
+    assert (status, named["meta_info"]["id"]) == (200, "r-1")
+    engine.weight_version = 4  # the local trainer's count of weight updates
+    status, later = await _post(session, {"text": text, "image_data": to_data_uri(image_a), "sampling_params": params})
+    assert (status, later["meta_info"]["weight_version"]) == (200, "4")
 
 
 async def test_health_model_info_abort_and_flush(served):
@@ -83,7 +91,7 @@ async def test_health_model_info_abort_and_flush(served):
             "model_path": "tiny-qwen2.5-vl-small-vocab",
             "tokenizer_path": "tiny-qwen2.5-vl-small-vocab",
             "is_generation": True,
-            "weight_version": 3,
+            "weight_version": "3",
             "max_batch_size": 32,
             "vocab_size": 891,
             "max_context_length": 32768,
@@ -92,6 +100,59 @@ async def test_health_model_info_abort_and_flush(served):
         assert (response.status, await response.json()) == (200, {"aborted": 0})
     async with session.post("/flush_cache") as response:
         assert response.status == 200
+
+
+async def test_v1_loads_counts_requests_as_slime_reads_them(served, qwen25_small_policy):
+    """slime's abort() polls /v1/loads?include=core after every rollout until it reports no
+    request (num_running_reqs + num_waiting_reqs, or num_reqs / total_reqs); SGLang 0.5.23 answers
+    {"timestamp", "version", "accelerator", "num_accelerators", "loads": [{"dp_rank", ...}]}."""
+    engine, session, _ = served
+    policy = qwen25_small_policy
+    ids = single_pad_ids(policy, chat_text(policy, "Find x.", images=0))
+
+    async def load() -> dict:
+        async with session.get("/v1/loads", params={"include": "core"}) as response:
+            assert response.status == 200
+            return await response.json()
+
+    idle = await load()
+    assert set(idle) == {"timestamp", "version", "accelerator", "num_accelerators", "loads"}
+    (entry,) = idle["loads"]
+    assert entry["dp_rank"] == 0 and entry["num_running_reqs"] + entry["num_waiting_reqs"] == 0
+    assert _num_requests_as_slime_reads_them(idle) == 0
+    # A request in flight is counted until it ends.
+    request = asyncio.ensure_future(
+        _post(session, {"input_ids": ids, "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}})
+    )
+    busy = None
+    for _ in range(500):
+        busy = await load()
+        if _num_requests_as_slime_reads_them(busy) == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert _num_requests_as_slime_reads_them(busy) == 1
+    async with session.post("/abort_request", json={"abort_all": True}) as response:
+        assert response.status == 200
+    status, body = await request
+    assert status == 200 and body["meta_info"]["finish_reason"]["type"] == "abort"
+    assert _num_requests_as_slime_reads_them(await load()) == 0
+    async with session.get("/v1/loads", params={"include": "cores"}) as response:
+        assert response.status == 400 and "Invalid include sections" in (await response.json())["error"]["message"]
+
+
+def _num_requests_as_slime_reads_them(load) -> int:
+    """slime 624b824's server_control.num_requests_from_load, restated: the first count it finds."""
+    if isinstance(load, list):
+        return sum(_num_requests_as_slime_reads_them(item) for item in load)
+    if not isinstance(load, dict):
+        return 0
+    if "loads" in load:
+        return _num_requests_as_slime_reads_them(load["loads"])
+    for key in ("num_reqs", "num_total_reqs", "total_reqs"):
+        if isinstance(load.get(key), int):
+            return load[key]
+    running, waiting = load.get("num_running_reqs"), load.get("num_waiting_reqs")
+    return (running if isinstance(running, int) else 0) + (waiting if isinstance(waiting, int) else 0)
 
 
 def _bad_bodies(ids: list[int], image: str) -> list[tuple[str, object, str]]:
@@ -155,6 +216,9 @@ def _bad_bodies(ids: list[int], image: str) -> list[tuple[str, object, str]]:
         ),
         ("streaming", {**pad_only, "stream": True}, "stream=True is not supported by this server"),
         ("logprob_not_bool", {**pad_only, "return_logprob": "yes"}, "return_logprob must be true or false"),
+        # SGLang's SamplingParams.verify: 0 is not "no top-k" there (-1 is).
+        ("top_k_zero", {**pad_only, "sampling_params": {"top_k": 0}}, "top_k must be -1 (disable) or at least 1, got 0."),
+        ("top_k_minus_two", {**pad_only, "sampling_params": {"top_k": -2}}, "top_k must be -1 (disable) or at least 1"),
     ]
 
 
@@ -250,3 +314,30 @@ async def test_the_sglang_client_gets_what_the_engine_generates(served, qwen25_s
         direct.finish_reason,
         direct.matched_stop,
     )
+
+
+async def test_episode_over_the_server_passes_the_prompt_tokens_check(served, qwen25_small_policy, image_a):
+    """The server reports prompt_tokens exactly like SGLang (the prompt with each image's pad
+    expanded): a multi-turn episode over it, with an image in every observation, passes the
+    episode's comparison at every turn."""
+    import argparse
+
+    import rollout
+    from rollout.sample import Sample
+
+    _, _, url = served
+    policy = qwen25_small_policy
+    port = int(url.rsplit(":", 1)[1])
+    args = argparse.Namespace(
+        hf_checkpoint="tiny-qwen2.5-vl-small-vocab", sglang_router_ip="127.0.0.1", sglang_router_port=port,
+        rollout_max_context_len=None, rollout_max_response_len=400, max_turns=2, max_tokens_per_turn=8,
+        rollout_interaction_env_path=str(REPO_ROOT / "tests" / "rollout" / "envs_for_tests.py"),
+        env_kwargs={"kind": "image"}, request_max_retries=0,
+    )  # fmt: skip
+    prompt = chat_text(policy, "Find x.")
+    sample = Sample(prompt=prompt, multimodal_inputs={"images": [image_a]}, label="5")
+    out = await rollout.generate(args, sample, {"max_new_tokens": 400, "temperature": 1.0, "top_k": -1})
+    assert out.status == Sample.Status.COMPLETED, out.metadata["status_reason"]
+    assert out.metadata["status_reason"] == "max_turns reached" and out.metadata["num_turns"] == 2
+    assert out.weight_versions == ["default", "default"]
+    assert len(out.multimodal_train_inputs["image_grid_thw"]) == 2  # the prompt's image and turn 1's
