@@ -4,7 +4,9 @@ Datasets, env observations, engines and the SGLang client all exchange images as
 paths (or ``file://``), bare base64 strings or PIL images. http(s) URLs are refused on purpose:
 rollouts and training must not depend on the network (data preparation fetches URLs into local
 files once), and a URL that resolves differently later would silently train on another image.
-Decoded images are always RGB, as the processors expect.
+Decoded images are always RGB, as the processors expect. One pixel limit (``MAX_IMAGE_PIXELS``)
+applies to every source, checked from the header before any pixel is decoded: a 10000x10000 PNG
+is a few hundred kilobytes on disk and 300 MB decoded (more again in the processor).
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ import binascii
 import io
 import re
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 _BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
 _DECODE_ERRORS = (OSError, Image.DecompressionBombError, SyntaxError, ValueError)
+#: The most pixels an image may have (width x height), whatever its source. Far above what the
+#: Qwen-VL processors keep (they resize to about 12.8 M pixels at most), far below what exhausts
+#: memory; data preparation refuses larger downloads with the same number.
+MAX_IMAGE_PIXELS = 6144 * 6144
 
 
 class ImageLoadError(ValueError):
@@ -53,22 +60,72 @@ def describe(item: str, limit: int = 60) -> str:
     return item if len(item) <= limit else f"{item[: limit - 3]}..."
 
 
-def _decode(source: io.BytesIO | Path, where: str) -> Image.Image:
+def _too_large(width: int, height: int, max_pixels: int, where: str) -> ImageLoadError | None:
+    if width * height <= max_pixels:
+        return None
+    return ImageLoadError(
+        f"{where} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels} "
+        "(envs.images.MAX_IMAGE_PIXELS); downscale it"
+    )
+
+
+def _decode(source: io.BytesIO | Path, where: str, max_pixels: int) -> Image.Image:
     try:
         with Image.open(source) as image:
+            # The size comes from the header: an oversized image is refused before it is decoded.
+            error = _too_large(*image.size, max_pixels, f"image {where}")
+            if error is not None:
+                raise error
             image.load()
             return image.convert("RGB")
     except _DECODE_ERRORS as error:
+        if isinstance(error, ImageLoadError):
+            raise
         raise ImageLoadError(f"image {where} does not decode ({type(error).__name__}: {error})") from error
 
 
-def load_image(item: str | Image.Image) -> Image.Image:
+def check_image(item: str, *, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """The image's (width, height), read from its header, after checks that decode no pixels: the
+    reference resolves, the format is recognized, the size is within ``max_pixels``, and for PNG
+    every chunk's CRC (which covers the compressed pixel data: a truncated or bit-flipped file
+    fails). Other formats are decoded in full, having no cheaper check. Raises ImageLoadError."""
+    source, where = _source(item)
+    try:
+        with Image.open(source) as image:
+            size = image.size
+            error = _too_large(*size, max_pixels, f"image {where}")
+            if error is not None:
+                raise error
+            if image.format == "PNG":
+                image.verify()
+            else:
+                image.load()
+            return size
+    except _DECODE_ERRORS as error:
+        if isinstance(error, ImageLoadError):
+            raise
+        raise ImageLoadError(f"image {where} does not decode ({type(error).__name__}: {error})") from error
+
+
+def load_image(item: str | Image.Image, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """An RGB PIL image from a PIL image, a ``data:`` URI, a file path (or ``file://`` URL) or a
-    bare base64 string. Raises ImageLoadError for http(s) URLs and anything unreadable."""
+    bare base64 string. Raises ImageLoadError for http(s) URLs, anything unreadable, and images of
+    more than ``max_pixels`` pixels."""
     if isinstance(item, Image.Image):
+        error = _too_large(*item.size, max_pixels, "a PIL image")
+        if error is not None:
+            raise error
         return item if item.mode == "RGB" else item.convert("RGB")
+    source, where = _source(item)
+    return _decode(source, where, max_pixels)
+
+
+def _source(item: Any) -> tuple[io.BytesIO | Path, str]:
+    """What PIL should open for a string reference, and how to name it in an error."""
     if not isinstance(item, str):
-        raise ImageLoadError(f"an image must be a data URI, a file path or a PIL image, got {type(item).__name__}")
+        raise ImageLoadError(
+            f"an image must be a data URI, a file path or a PIL image, got {type(item).__name__}"
+        )
     if item.startswith(("http://", "https://")):
         raise ImageLoadError(
             f"image {describe(item)!r} is a URL; images are read from local files and data URIs only. Run "
@@ -84,16 +141,20 @@ def load_image(item: str | Image.Image) -> Image.Image:
         try:
             raw = base64.b64decode(payload, validate=True)
         except binascii.Error as error:
-            raise ImageLoadError(f"data URI {describe(item)} has an invalid base64 payload ({error})") from error
-        return _decode(io.BytesIO(raw), f"data URI {describe(item)}")
+            raise ImageLoadError(
+                f"data URI {describe(item)} has an invalid base64 payload ({error})"
+            ) from error
+        return io.BytesIO(raw), f"data URI {describe(item)}"
     path = Path(item.removeprefix("file://")).expanduser()
     # A long run of base64 characters that names no file is bare base64 (slime accepts it too).
     if not path.is_file() and len(item) >= 64 and _BASE64.fullmatch(item):
         try:
             raw = base64.b64decode(item, validate=True)
         except binascii.Error as error:
-            raise ImageLoadError(f"string {describe(item)} is neither a file nor valid base64 ({error})") from error
-        return _decode(io.BytesIO(raw), f"base64 string {describe(item)}")
+            raise ImageLoadError(
+                f"string {describe(item)} is neither a file nor valid base64 ({error})"
+            ) from error
+        return io.BytesIO(raw), f"base64 string {describe(item)}"
     if not path.is_file():
         raise ImageLoadError(f"image file {item} does not exist")
-    return _decode(path, str(path))
+    return path, str(path)

@@ -48,13 +48,14 @@ from tqdm import tqdm
 
 from envs.geo3k.dataset import (
     COLUMNS,
+    IMAGE_PLACEHOLDER,
     PARQUET_SCHEMA,
     Geo3kRow,
     RowProblem,
     validate_rows,
 )
 from envs.geo3k.sample_data import INSTRUCTION_BLOCK, format_problem
-from envs.images import encode_png
+from envs.images import MAX_IMAGE_PIXELS, describe, encode_png
 
 #: ``--source`` names and the dataset repositories they download.
 DATASET_SOURCES: dict[str, str] = {
@@ -96,7 +97,7 @@ class FetchLimits:
     backoff_s: float = 0.5  # wait before retry r is backoff_s * 2**(r-1), at most max_backoff_s
     max_backoff_s: float = 8.0
     max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 6144 * 6144
+    max_pixels: int = MAX_IMAGE_PIXELS
     concurrency: int = 16
 
     def __post_init__(self) -> None:
@@ -436,6 +437,8 @@ class SourceRow:
     answer: str
     images: list[Any]
     source: Path
+    # Cells of a type no conversion makes sense of (a list as the problem): reported, never written.
+    cell_problems: list[RowProblem] = field(default_factory=list)
 
 
 def detect_schema(table: pa.Table) -> SourceSchema:
@@ -453,7 +456,12 @@ def read_source_rows(
     rows: list[SourceRow] = []
     schema: SourceSchema | None = None
     for file in files:
-        table = pq.read_table(file)
+        try:
+            table = pq.read_table(file)
+        except (pa.ArrowException, OSError) as error:
+            raise PrepareError(
+                f"{file} is not a readable parquet file ({type(error).__name__}: {error})"
+            ) from error
         missing = [name for name in COLUMNS if name not in table.column_names]
         if missing:
             raise PrepareError(
@@ -478,17 +486,39 @@ def read_source_rows(
                 items = list(images)
             else:
                 items = [images]  # a single image in place of a list
+            index = len(rows)
+            cell_problems: list[RowProblem] = []
             rows.append(
                 SourceRow(
-                    index=len(rows),
-                    problem="" if problem is None else str(problem),
-                    answer="" if answer is None else str(answer),
+                    index=index,
+                    problem=_text_cell(index, "problem", problem, cell_problems),
+                    answer=_text_cell(index, "answer", answer, cell_problems),
                     images=items,
                     source=file,
+                    cell_problems=cell_problems,
                 )
             )
     assert schema is not None
     return rows, schema
+
+
+def _text_cell(index: int, column: str, value: Any, problems: list[RowProblem]) -> str:
+    """A problem or answer cell as text. A number is written as its decimal form (a label such as 5
+    stored as an integer); anything else that is not a string (a list, a struct) is a bad row: its
+    Python repr is no question and no label."""
+    if value is None or isinstance(value, str):
+        return value or ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    problems.append(
+        RowProblem(
+            index,
+            column,
+            f"{column} is a {type(value).__name__} ({describe(repr(value))}), not a string; the source's "
+            f"{column} column must hold text",
+        )
+    )
+    return ""
 
 
 def convert_problem(problem: str) -> str:
@@ -638,7 +668,12 @@ async def prepare_split_async(
                 refs.append(_source_reference(item))
             else:
                 refs.append(resolved)
-        problem = convert_problem(source_row.problem) if schema == "original" else source_row.problem
+        unresolved.extend(source_row.cell_problems)
+        problem = source_row.problem
+        # An empty question stays empty, for validation to report: with the instruction block in
+        # front it would pass as a problem.
+        if schema == "original" and problem.replace(IMAGE_PLACEHOLDER, "").strip():
+            problem = convert_problem(problem)
         rows.append(Geo3kRow(source_row.index, problem, source_row.answer, refs, source_row.source))
 
     report.problems = _validate(rows, unresolved)
@@ -654,12 +689,11 @@ def _source_reference(item: Any) -> str:
 
 
 def _validate(rows: Sequence[Geo3kRow], unresolved: Sequence[RowProblem]) -> list[RowProblem]:
-    """``validate_rows`` on every row; a row with an image that could not be obtained is checked
-    without images (its unresolved image would only repeat the fetch failure, less clearly)."""
-    broken = {problem.index for problem in unresolved}
-    complete = [row for row in rows if row.index not in broken]
-    incomplete = [row for row in rows if row.index in broken]
-    problems = [*unresolved, *validate_rows(complete), *validate_rows(incomplete, check_images=False)]
+    """``validate_rows`` on every row, images decoded in full (preparation runs once, and a file it
+    writes should not fail later). A cell already reported (an image that could not be obtained, a
+    problem that is no string) is not checked again: that would only repeat it, less clearly."""
+    skip = {(problem.index, problem.column) for problem in unresolved}
+    problems = [*unresolved, *validate_rows(rows, full_decode=True, skip=skip)]
     order = {"problem": 0, "answer": 1, "images": 2}
     return sorted(problems, key=lambda p: (p.index, order.get(p.column, 3), p.message))
 

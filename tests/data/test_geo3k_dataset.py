@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,6 +13,7 @@ from PIL import Image
 
 from envs.geo3k.dataset import (
     PARQUET_SCHEMA,
+    DatasetError,
     Geo3kRow,
     RowImageError,
     RowProblem,
@@ -20,10 +22,12 @@ from envs.geo3k.dataset import (
     load_image,
     load_row_images,
     read_geo3k_parquet,
+    validate_parquet,
     validate_rows,
     write_geo3k_parquet,
 )
 from envs.geo3k.sample_data import GeoProblem, generate_problems
+from envs.images import ImageLoadError
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +185,99 @@ def test_read_rejects_missing_file_missing_columns_and_byte_images(tmp_path):
     path = write_raw(
         tmp_path / "bytes.parquet", [("<image>Find x.", "5", [b"\x89PNG"])], pa.list_(pa.binary())
     )
-    with pytest.raises(ValueError, match=r"row 0 image 0 is a bytes, not a string; .*slime drops raw bytes"):
+    with pytest.raises(
+        DatasetError, match=r"row 0 \[images\]: image 0 is a bytes, not a string; .*slime drops raw bytes"
+    ) as raised:
         read_geo3k_parquet(path)
+    assert [(p.index, p.column) for p in raised.value.problems] == [(0, "images")]
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DatasetError, match=r"corrupt\.parquet is not a readable parquet file"):
+        read_geo3k_parquet(tmp_path / "corrupt.parquet")
+
+
+def test_validate_parquet_reports_cells_of_the_wrong_type_once_each(tmp_path, records):
+    """Integer labels, a plain string in the images column and a list-valued problem are per-row
+    findings (not an AttributeError, not one image per character, not a Python repr)."""
+    (tmp_path / "good.png").write_bytes(encode_png(records[0].image))
+    table = pa.table(
+        {
+            "problem": pa.array([["<image>Find x."], ["<image>Find y."], ["<image>Find z."]]),
+            "answer": pa.array([5, 6, 7]),
+            "images": pa.array(["good.png", "good.png", "good.png"]),
+        }
+    )
+    pq.write_table(table, tmp_path / "typed.parquet")
+    problems = validate_parquet(tmp_path / "typed.parquet")
+    assert [(p.index, p.column) for p in problems] == [
+        (row, column) for row in range(3) for column in ("problem", "answer", "images")
+    ]
+    assert str(problems[0]) == (
+        "row 0 [problem]: problem is a list (['<image>Find x.']), not a string; write the question as one "
+        "string with an <image> placeholder per image"
+    )
+    assert str(problems[1]) == (
+        "row 0 [answer]: answer is an int (5), not a string; write the label as a string, e.g. '5' or '2\\sqrt{3}'"
+    )
+    assert str(problems[2]) == (
+        "row 0 [images]: images is a str ('good.png'), not a list of strings; store a list even for one "
+        "image, e.g. ['images/0.png']"
+    )
+    with pytest.raises(DatasetError, match=r"has 3 row\(s\) with cells of the wrong type"):
+        read_geo3k_parquet(tmp_path / "typed.parquet")
+
+
+def test_validate_parquet_reports_empty_problems_and_oversized_or_corrupt_images(tmp_path, records):
+    png = encode_png(records[0].image)
+    (tmp_path / "good.png").write_bytes(png)
+    (tmp_path / "truncated.png").write_bytes(png[: len(png) // 2])
+    flipped = bytearray(png)
+    flipped[len(png) // 2] ^= 0xFF  # inside the compressed pixels: only the chunk CRC tells
+    (tmp_path / "flipped.png").write_bytes(bytes(flipped))
+    Image.new("L", (7000, 6000)).save(tmp_path / "huge.png")  # 42 M pixels, a few kB on disk
+    path = write_raw(
+        tmp_path / "rows.parquet",
+        [
+            ("<image>Find x.", "5", ["good.png"]),
+            ("", "5", []),
+            ("  <image> ", "5", ["good.png"]),
+            ("<image>Find x.", "5", ["truncated.png"]),
+            ("<image>Find x.", "5", ["flipped.png"]),
+            ("<image>Find x.", "5", ["huge.png"]),
+        ],
+    )
+    root = tmp_path.resolve()
+    problems = [str(p) for p in validate_parquet(path)]
+    assert problems[:2] == [
+        "row 1 [problem]: problem is empty; every row needs the question text the model is asked",
+        "row 2 [problem]: problem is empty apart from its <image> placeholder(s); every row needs the "
+        "question text the model is asked",
+    ]
+    assert problems[2].startswith(
+        f"row 3 [images]: image 0: image {root / 'truncated.png'} does not decode ("
+    )
+    assert problems[3].startswith(f"row 4 [images]: image 0: image {root / 'flipped.png'} does not decode (")
+    assert problems[4] == (
+        f"row 5 [images]: image 0: image {root / 'huge.png'} is 7000x6000 = 42000000 pixels, over the limit "
+        "of 37748736 (envs.images.MAX_IMAGE_PIXELS); downscale it"
+    )
+    assert len(problems) == 5
+    full = [str(p) for p in validate_parquet(path, full_decode=True)]
+    assert [line.split(":")[0] for line in full] == [line.split(":")[0] for line in problems]
+
+
+def test_one_pixel_limit_for_every_image_source(tmp_path):
+    huge = Image.new("L", (7000, 6000))
+    huge.save(tmp_path / "huge.png")
+    with pytest.raises(ImageLoadError, match=r"is 7000x6000 = 42000000 pixels, over the limit of 37748736"):
+        load_image(str(tmp_path / "huge.png"))
+    with pytest.raises(ImageLoadError, match=r"^a PIL image is 7000x6000 = 42000000 pixels"):
+        load_image(huge)
+    buffer = io.BytesIO()
+    huge.save(buffer, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    with pytest.raises(ImageLoadError, match=r"^image data URI .* is 7000x6000 = 42000000 pixels"):
+        load_image(uri)
+    assert load_image(str(tmp_path / "huge.png"), max_pixels=7000 * 6000).size == (7000, 6000)
 
 
 def test_urls_are_left_to_data_preparation():

@@ -7,6 +7,7 @@ import io
 import os
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -322,3 +323,59 @@ def test_cli_rejects_an_unknown_source_and_split(tmp_path, capsys):
     write_processed_parquet(tmp_path / "src" / "train.parquet", [])
     assert script.main(["--source", str(tmp_path / "src"), "--out", str(tmp_path), "--splits", "dev"]) == 2
     assert capsys.readouterr().err == f"error: split(s) dev not found in {tmp_path / 'src'}; it has train\n"
+
+
+def test_strict_fails_on_empty_and_list_valued_problems_and_converts_numeric_labels(tmp_path, capsys):
+    """A list-valued problem is a bad row (not its Python repr written as the question), an empty
+    problem fails --strict, and an integer label is written as its decimal string."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "a.png").write_bytes(diagram_png("typed"))
+    table = pa.table(
+        {
+            "problem": pa.array(
+                [["<image>Find x."], ["<image>Find y."], ["<image>Find z."], ["<image>Find w."]]
+            ),
+            "answer": pa.array([5, 6, 7, 8]),
+            "images": pa.array([["a.png"]] * 4),
+        }
+    )
+    pq.write_table(table, source / "lists.parquet")
+    [report] = prepare_dataset(source, PrepareOptions(out_dir=tmp_path / "out1", bad_rows="drop"))
+    assert [str(p) for p in report.problems] == [
+        f"row {k} [problem]: problem is a list (['<image>Find {v}.']), not a string; the source's problem "
+        "column must hold text"
+        for k, v in enumerate("xyzw")
+    ]
+    assert report.written == 0
+
+    write_processed_parquet(
+        source / "train.parquet",
+        [("<image>Find x.", "5", ["a.png"]), ("", "6", []), ("<image>", "7", ["a.png"])],
+    )
+    (source / "lists.parquet").unlink()
+    script = load_script()
+    common = ["--source", str(source), "--out", str(tmp_path / "out2"), "--no-progress"]
+    assert script.main([*common, "--strict"]) == 1
+    err = capsys.readouterr().err
+    assert "  row 1 [problem]: problem is empty; every row needs the question text the model is asked" in err
+    assert "  row 2 [problem]: problem is empty apart from its <image> placeholder(s)" in err
+    assert not (tmp_path / "out2" / "train.parquet").exists()
+
+    pq.write_table(
+        pa.table({"problem": ["<image>Find x."], "answer": pa.array([5]), "images": [["a.png"]]}),
+        source / "train.parquet",
+    )
+    assert script.main([*common, "--strict"]) == 0
+    assert [row.answer for row in read_geo3k_parquet(tmp_path / "out2" / "train.parquet")] == ["5"]
+
+
+def test_cli_reports_a_corrupt_source_file_without_a_traceback(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "train.parquet").write_bytes(b"PAR1 this is not parquet")
+    assert load_script().main(["--source", str(tmp_path / "src"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: {(tmp_path / 'src' / 'train.parquet').resolve()} is not a readable parquet file ("
+    )
+    assert "Traceback" not in err
