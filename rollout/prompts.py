@@ -13,7 +13,6 @@ from typing import Any
 
 from PIL import Image
 
-from envs.geo3k.dataset import build_prompt_messages
 from rollout.sample import Sample
 
 # Arguments the plugin passes to apply_chat_template itself: a template kwarg of the same name
@@ -64,6 +63,10 @@ def build_sample(
     metadata: dict[str, Any] | None = None,
     template_kwargs: dict[str, Any] | None = None,
 ) -> Sample:
+    # Imported here: the dataset module needs pyarrow, which slime's processes (rollout.runtime
+    # imports this module) must not.
+    from envs.geo3k.dataset import build_prompt_messages
+
     messages = build_prompt_messages(problem, images)
     prompt = tokenizer.apply_chat_template(
         messages, tools=tools, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
