@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import base64
 import json
 import socket
 import time
 import uuid
 
+import numpy as np
 import pytest
 from aiohttp import web
+from PIL import Image
 
 import rollout
 from envs.images import load_image
@@ -18,7 +22,7 @@ from rollout.engines.sglang_client import SGLangClient
 from rollout.image_cache import predicted_pad_count
 from rollout.sample import Sample
 
-from .conftest import call, make_args, make_sample
+from .conftest import TEST_ENVS, call, diagram, make_args, make_sample
 
 Status = Sample.Status
 
@@ -72,8 +76,8 @@ class FakeSGLang:
 async def serve():
     runners = []
 
-    async def start(script, **options):
-        fake = FakeSGLang(script, **options)
+    async def start(script, fake_class=None, **options):
+        fake = (fake_class or FakeSGLang)(script, **options)
         app = web.Application()
         app.router.add_post("/generate", fake.handle)
         runner = web.AppRunner(app)
@@ -87,6 +91,16 @@ async def serve():
     yield start
     for runner in runners:
         await runner.cleanup()
+
+
+@pytest.fixture
+def http_args():
+    """slime-like args whose engine is the SGLang client for a server on this port."""
+
+    def build(port: int, **overrides):
+        return make_args(None, sglang_router_ip="127.0.0.1", sglang_router_port=port, **overrides)
+
+    return build
 
 
 def free_port() -> int:
@@ -309,3 +323,136 @@ async def test_closing_the_client_fails_requests_in_flight(serve):
         await asyncio.wait_for(first, 5)
     with pytest.raises(EngineError, match="the SGLang client was closed during the request"):
         await asyncio.wait_for(second, 5)
+
+
+def _engine_image_pads(family: str, **size):
+    """An engine-side image processor (SGLang resizes with its own): the pad count it gives an image."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from models.processors import IMAGE_PROCESSOR_SETTINGS
+
+    processor = Qwen2VLImageProcessorPil(**{**IMAGE_PROCESSOR_SETTINGS[family], "size": size})
+    return lambda image: processor.get_number_of_image_patches(image.height, image.width, {}) // 4
+
+
+async def test_an_engine_that_resizes_images_differently_fails_the_sample(serve, qwen25_processing, http_args):
+    """PITFALLS 19: the engine's processor caps images at 56x56 pixels (4 pads for a 112x112 image,
+    where the trainer's gives 16). The model then saw other image tokens than the trainer will
+    feed it: the sample is FAILED at the first turn, the reason naming both counts and the fix."""
+    tok = qwen25_processing.tokenizer
+    ids = tok.encode(call("5"), add_special_tokens=False)
+    pads = _engine_image_pads("qwen2.5-vl", shortest_edge=56 * 56, longest_edge=56 * 56)
+    fake, port = await serve([("ok", ids, call("5"))], image_pads=pads, pad_id=qwen25_processing.image_pad_id)
+    out = await rollout.generate(http_args(port), make_sample(tok, size=112), {"temperature": 1.0})
+    assert out.status == Status.FAILED and out.remove_sample and out.reward == 0.0
+    request = fake.requests[0]["input_ids"]
+    ours, theirs = len(request) - 1 + 16, len(request) - 1 + 4
+    reason = out.metadata["status_reason"]
+    assert f"expanded the request to {theirs} prompt tokens but the training sequence holds {ours}" in reason
+    assert "min_pixels / max_pixels" in reason
+    assert out.response_length == 0  # nothing generated from the engine's other view is trained on
+
+
+async def test_an_observation_image_resized_differently_fails_at_its_turn(serve, qwen25_processing, http_args):
+    """The prompt's 112x112 image fits both processors; the env's 56x84 observation image is
+    resized differently by an engine with a larger minimum: turn 1 passes, turn 2 fails."""
+    tok = qwen25_processing.tokenizer
+    engine_pads = _engine_image_pads("qwen2.5-vl", shortest_edge=112 * 112, longest_edge=12_845_056)
+    assert engine_pads(diagram(112)) == 16 and engine_pads(Image.new("RGB", (56, 84))) != 6
+    ids = tok.encode("first look", add_special_tokens=False)
+    fake, port = await serve(
+        [("ok", ids, "first look"), ("ok", ids, "first look")], image_pads=engine_pads, pad_id=qwen25_processing.image_pad_id
+    )
+    args = http_args(port, rollout_interaction_env_path=TEST_ENVS, env_kwargs={"kind": "image"})
+    out = await rollout.generate(args, make_sample(tok, size=112), {"temperature": 1.0})
+    assert out.status == Status.FAILED and out.remove_sample
+    assert out.metadata["status_reason"].startswith("turn 2: the engine expanded the request to")
+    assert len(fake.requests) == 2
+
+
+async def test_an_engine_that_does_not_report_prompt_tokens_is_not_checked(serve, qwen25_processing, http_args):
+    tok = qwen25_processing.tokenizer
+    ids = tok.encode(call("5"), add_special_tokens=False)
+    fake, port = await serve([("ok", ids, call("5"))])  # no image_pads: prompt_tokens left out
+    out = await rollout.generate(http_args(port), make_sample(tok, size=112), {"temperature": 1.0})
+    assert out.status == Status.COMPLETED, out.metadata["status_reason"]
+
+
+# --- routing replay (slime's --use-rollout-routing-replay, PITFALLS 21) -----------------------------
+
+LAYERS, TOPK = 3, 2
+
+
+class RoutingSGLang(FakeSGLang):
+    """Also answers ``return_routed_experts`` like SGLang 0.5.23 with --enable-return-routed-experts:
+    ``meta_info.routed_experts`` is base64 of int32 ids, one row (layers x top-k) per position of
+    prompt + output but the last, from the request's ``routed_experts_start_len`` (default 0) on.
+    Position p's ids are all p, so a test can tell which rows reached the Sample."""
+
+    async def handle(self, request):
+        response = await super().handle(request)
+        body = self.requests[-1]
+        if not body.get("return_routed_experts") or response.status != 200:
+            return response
+        data = json.loads(response.body)
+        total = data["meta_info"]["prompt_tokens"] + len(data["output_ids"])
+        start = body.get("routed_experts_start_len", 0)
+        rows = np.repeat(np.arange(start, total - 1, dtype=np.int32), LAYERS * TOPK)
+        data["meta_info"]["routed_experts"] = base64.b64encode(rows.tobytes()).decode()
+        return web.json_response(data)
+
+
+async def test_routing_replay_over_a_multi_turn_episode(serve, qwen25_processing, http_args):
+    """Every request asks for routed experts; the Sample gets one row per position of the whole
+    multi-turn sequence but the last (prompt, both turns and the observation between them), shaped
+    (len(tokens) - 1, num_layers, moe_router_topk) as slime's trainer reads it."""
+    tok = qwen25_processing.tokenizer
+    ids4 = tok.encode(call("4"), add_special_tokens=False)
+    ids5 = tok.encode(call("5"), add_special_tokens=False)
+    fake, port = await serve(
+        [("ok", ids4, call("4")), ("ok", ids5, call("5"))], fake_class=RoutingSGLang,
+        image_pads=lambda image: predicted_pad_count(qwen25_processing, image), pad_id=qwen25_processing.image_pad_id,
+    )  # fmt: skip
+    args = http_args(port, use_rollout_routing_replay=True, num_layers=LAYERS, moe_router_topk=TOPK)
+    out = await rollout.generate(args, make_sample(tok), {"temperature": 1.0})
+    assert out.status == Status.COMPLETED, out.metadata["status_reason"]
+    assert [r.get("return_routed_experts") for r in fake.requests] == [True, True]
+    experts = out.rollout_routed_experts
+    assert tuple(experts.shape) == (len(out.tokens) - 1, LAYERS, TOPK)
+    assert experts[:, 0, 0].tolist() == list(range(len(out.tokens) - 1))
+    assert out.metadata["turns"][1]["model_tokens"] == len(ids5)  # the second turn's rows are in
+
+
+async def test_routing_replay_without_experts_from_the_engine_fails_the_sample(serve, qwen25_processing, http_args):
+    """An SGLang started without --enable-return-routed-experts answers without them: training
+    would replay no routing (or the wrong one), so the sample is FAILED and says why."""
+    tok = qwen25_processing.tokenizer
+    ids = tok.encode(call("5"), add_special_tokens=False)
+    fake, port = await serve([("ok", ids, call("5"))])
+    out = await rollout.generate(http_args(port, use_rollout_routing_replay=True), make_sample(tok), {})
+    assert fake.requests[0]["return_routed_experts"] is True
+    assert out.status == Status.FAILED and out.remove_sample
+    assert "--enable-return-routed-experts" in out.metadata["status_reason"]
+
+
+async def test_without_routing_replay_no_experts_are_requested(serve, qwen25_processing, http_args):
+    tok = qwen25_processing.tokenizer
+    ids = tok.encode(call("5"), add_special_tokens=False)
+    fake, port = await serve([("ok", ids, call("5"))])
+    out = await rollout.generate(http_args(port), make_sample(tok), {})
+    assert out.status == Status.COMPLETED
+    assert "return_routed_experts" not in fake.requests[0] and out.rollout_routed_experts is None
+
+
+def test_routed_experts_start_len_keeps_the_earlier_rows():
+    """slime's Sample rule, restated for ours: rows before routed_experts_start_len are kept."""
+    sample = Sample(tokens=[1, 2, 3])
+    args = argparse.Namespace(num_layers=1, moe_router_topk=2)
+    first = np.array([[0, 0], [1, 1], [2, 2], [3, 3]], dtype=np.int32)  # 3 prompt + 2 generated - 1
+    sample.append_response_tokens(args, tokens=[7, 8], log_probs=[-1.0, -1.0], meta_info={"routed_experts": base64.b64encode(first.tobytes()).decode()})
+    later = np.array([[9, 9], [10, 10]], dtype=np.int32)
+    meta = {"routed_experts": base64.b64encode(later.tobytes()).decode(), "routed_experts_start_len": 4}
+    sample.append_response_tokens(args, tokens=[5, 6], trainable=False, meta_info=meta)
+    assert sample.rollout_routed_experts[:, 0, 0].tolist() == [0, 1, 2, 3, 9, 10]
+    with pytest.raises(ValueError, match="routed_experts has 4 ids, expected 7 rows of 2"):
+        sample.append_response_tokens(args, tokens=[4], log_probs=[-1.0], meta_info={"routed_experts": [1, 2, 3, 4]})
