@@ -456,3 +456,53 @@ def test_routed_experts_start_len_keeps_the_earlier_rows():
     assert sample.rollout_routed_experts[:, 0, 0].tolist() == [0, 1, 2, 3, 9, 10]
     with pytest.raises(ValueError, match="routed_experts has 4 ids, expected 7 rows of 2"):
         sample.append_response_tokens(args, tokens=[4], log_probs=[-1.0], meta_info={"routed_experts": [1, 2, 3, 4]})
+
+
+_EXIT_SCRIPT = """
+import asyncio, atexit, sys
+from aiohttp import web
+import rollout.engines.sglang_client as client_module
+
+async def handle(request):
+    await request.read()
+    meta = {"finish_reason": {"type": "stop"}, "output_token_logprobs": [[-0.5, 5, None]], "prompt_tokens": 1}
+    return web.json_response({"text": "t", "output_ids": [5], "meta_info": meta})
+
+async def main():
+    app = web.Application()
+    app.router.add_post("/generate", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    client = client_module.SGLangClient(f"http://127.0.0.1:{port}", timeout_s=10, max_retries=0)
+    assert (await client.generate([1], [], {})).token_ids == [5]
+    await runner.cleanup()
+    return client  # never closed, as slime never closes its generate function's resources
+
+if sys.argv[1] == "no-hook":
+    atexit.unregister(client_module._close_open_clients)
+client = asyncio.run(main())
+print("generated", flush=True)
+"""
+
+
+@pytest.mark.parametrize("hook", ["hook", "no-hook"])
+def test_a_client_left_open_is_closed_at_exit_without_a_warning(hook):
+    """slime never closes the client; at interpreter exit its pool is closed by the module's atexit
+    hook. Without the hook (the control case) aiohttp's "Unclosed client session" shows up, which
+    proves the check can fail."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", _EXIT_SCRIPT, hook], cwd=repo, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "generated" in done.stdout, done.stderr
+    if hook == "hook":
+        assert "Unclosed" not in done.stderr, done.stderr
+    else:
+        assert "Unclosed client session" in done.stderr
