@@ -25,7 +25,7 @@ import contextlib
 import gc
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 # Far above any count the collector reaches in a rollout: "never on its own".
 _NEVER = 1 << 30
@@ -33,10 +33,21 @@ _NEVER = 1 << 30
 
 class GcPacer:
     def __init__(
-        self, interval_s: float = 0.01, middle_every: int = 10, quiet_s: float = 1.0, full_every_s: float = 120.0
+        self,
+        interval_s: float = 0.01,
+        middle_every: int = 10,
+        quiet_s: float = 1.0,
+        full_every_s: float = 120.0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` (seconds) measures ``full_every_s``; pass the event loop's own clock where the
+        loop's timers run on another one (a simulated loop)."""
         if interval_s <= 0 or middle_every < 1 or quiet_s < 0 or full_every_s <= 0:
             raise ValueError("GcPacer needs interval_s > 0, middle_every >= 1, quiet_s >= 0, full_every_s > 0")
+        if not callable(clock):
+            raise ValueError(f"GcPacer clock must be a callable returning seconds, got {clock!r}")
+        self._clock = clock
         self.interval_s = interval_s
         self.middle_every = middle_every
         self.quiet_s = quiet_s
@@ -48,7 +59,7 @@ class GcPacer:
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._quiet: asyncio.TimerHandle | None = None  # the deferred full collection, when pending
         self._ticks = 0
-        self._last_full = time.monotonic()
+        self._last_full = clock()
         self.collections = {"young": 0, "middle": 0, "full": 0}  # what the pacer itself ran
 
     @property
@@ -111,7 +122,7 @@ class GcPacer:
                 return
             self._ticks += 1
             self._timer = loop.call_later(self.interval_s, self._tick, loop)
-        if time.monotonic() - self._last_full >= self.full_every_s:
+        if self._clock() - self._last_full >= self.full_every_s:
             self._collect(2)
         elif self._ticks % self.middle_every == 0:
             self._collect(1)
@@ -133,7 +144,7 @@ class GcPacer:
         gc.collect(generation)
         self.collections[("young", "middle", "full")[generation]] += 1
         if generation == 2:
-            self._last_full = time.monotonic()
+            self._last_full = self._clock()
 
     def close(self) -> None:
         """Put the collector's thresholds back, whatever is still in flight, and drop a pending
