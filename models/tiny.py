@@ -1,9 +1,12 @@
 """Tiny random Qwen-VL models, built from a config in well under a second.
 
-Qwen3.5 (dense and MoE) keeps its hybrid layout: four text layers in the released pattern (three
-Gated DeltaNet linear-attention layers, then one full-attention layer: ``full_attention_interval``
-4), partial rotary embeddings with interleaved multimodal RoPE, and for the MoE variant a few routed
-experts plus the shared expert.
+Qwen3.5 (dense and MoE) keeps its hybrid layout: the first five text layers of the released
+pattern (``full_attention_interval`` 4: three Gated DeltaNet linear-attention layers, one
+full-attention layer, then linear attention again), partial rotary embeddings with interleaved
+multimodal RoPE, and for the MoE variant a few routed experts plus the shared expert. A linear layer
+after a full-attention layer, and a non-zero ``<|endoftext|>`` (padding) embedding as in trained
+checkpoints, make padding that leaks into the recurrent state visible: padded positions then carry
+non-zero hidden states into a linear-attention layer.
 
 ``initializer_range=0.1`` (text and vision) on purpose: at the default 0.02 the outputs are so
 uniform that a dropped ``mm_token_type_ids`` or swapped images move log-probs by only ~1e-3, and
@@ -119,8 +122,8 @@ def _qwen3_5_config(family: str, vocab_size: int, ids: dict[str, int]):
     text = _text_config(
         vocab_size,
         ids,
-        num_hidden_layers=4,
-        layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        num_hidden_layers=5,
+        layer_types=["linear_attention"] * 3 + ["full_attention", "linear_attention"],
         head_dim=32,
         linear_conv_kernel_dim=4,
         linear_key_head_dim=16,
@@ -177,4 +180,10 @@ MODEL_CLASSES = {
 
 def build_tiny_model(family: str, vocab_size: int, added_tokens_offset: int, seed: int = 0):
     torch.manual_seed(seed)
-    return MODEL_CLASSES[family](tiny_config(family, vocab_size, added_tokens_offset)).eval()
+    model = MODEL_CLASSES[family](tiny_config(family, vocab_size, added_tokens_offset)).eval()
+    if family.startswith("qwen3.5"):
+        # transformers zero-initialises the padding row; a trained checkpoint's is not zero.
+        pad = model.config.text_config.pad_token_id
+        with torch.no_grad():
+            model.get_input_embeddings().weight[pad].normal_(0.0, INIT_RANGE)
+    return model

@@ -45,9 +45,9 @@ async def _two_turn_sample(policy, image_a, image_b) -> Sample:
     )
 
 
-@pytest.fixture(params=["qwen25_small_policy", "qwen3_small_policy"])
-async def two_turn(request, image_a, image_b):
-    policy = request.getfixturevalue(request.param)
+@pytest.fixture
+async def two_turn(any_small_policy, image_a, image_b):
+    policy = any_small_policy
     return policy, await _two_turn_sample(policy, image_a, image_b)
 
 
