@@ -1,11 +1,10 @@
 """slime's --apply-chat-template-kwargs render every turn, not only the first (PITFALLS 20).
 
-The tiny presets' templates ignore ``enable_thinking``, so the checkpoint here is tiny-qwen3-vl
-with a Qwen3-style template that reacts to it: with ``enable_thinking: false`` the generation
-prompt is ``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n``, otherwise
-``<|im_start|>assistant\\n``; earlier assistant turns re-render as ``<think>\\n{reasoning}\\n</think>\\n\\n``
-+ content (the Qwen3 Thinking history).
-"""
+Two templates that react to ``enable_thinking``: tiny-qwen3.5's own (thinking on by default, its
+generation prompt opens ``<think>\n``), and tiny-qwen3-vl with a Qwen3-style switch written here
+(``enable_thinking: false`` gives ``<|im_start|>assistant\n<think>\n\n</think>\n\n``, otherwise
+``<|im_start|>assistant\n``; earlier assistant turns re-render as
+``<think>\n{reasoning}\n</think>\n\n`` + content, the Qwen3 Thinking history)."""
 
 from __future__ import annotations
 
@@ -82,19 +81,33 @@ def test_observation_pieces_are_learned_per_template_kwargs(processing):
     assert encoded.text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
-def _reply(turn: int, thinking: bool) -> str:
-    answer = f"Answer {turn}."
-    return (f"<think>\nStep {turn}.\n</think>\n\n{answer}" if thinking else answer) + "<|im_end|>"
+def _turns(tok, kwargs) -> tuple[list[str], list[str]]:
+    """Three model turns (what the engine returns) and the assistant contents that re-render them:
+    the template's generation prompt may already open (or open and close) the think block."""
+    opened = tok.apply_chat_template([USER], tokenize=False, add_generation_prompt=True, **kwargs)
+    suffix = opened[len(tok.apply_chat_template([USER], tokenize=False)) + len("<|im_start|>assistant\n") :]
+    replies = []
+    for turn in (1, 2, 3):
+        if suffix == "":
+            reply = f"<think>\nStep {turn}.\n</think>\n\nAnswer {turn}."
+        elif suffix.endswith("<think>\n"):
+            reply = f"Step {turn}.\n</think>\n\nAnswer {turn}."
+        else:
+            reply = f"Answer {turn}."
+        replies.append(reply)
+    return [reply + "<|im_end|>" for reply in replies], [suffix + reply for reply in replies]
 
 
 @pytest.mark.parametrize("prompt_as", ["text", "messages"])
 @pytest.mark.parametrize("kwargs", [{"enable_thinking": False}, {"enable_thinking": True}, {}], ids=str)
-async def test_every_turn_equals_the_template_rendering_with_the_same_kwargs(checkpoint, processing, kwargs, prompt_as):
+@pytest.mark.parametrize("template", ["thinking-switch", "tiny-qwen3.5"])
+async def test_every_turn_equals_the_template_rendering_with_the_same_kwargs(checkpoint, template, kwargs, prompt_as):
     """Each request (what the model is conditioned on at that turn) and the final sequence equal the
     template's rendering of the whole conversation so far, with slime's kwargs."""
-    tok = processing.tokenizer
-    thinking = kwargs.get("enable_thinking", True)
-    replies = [_reply(turn, thinking) for turn in (1, 2, 3)]
+    if template != "thinking-switch":
+        checkpoint = template
+    tok = default_runtime().processing.get(checkpoint).tokenizer
+    replies, contents = _turns(tok, kwargs)
     engine = ScriptedEngine(tok, replies)
     args = make_args(engine, checkpoint=checkpoint, rollout_interaction_env_path=TEST_ENVS,
                      env_kwargs={"kind": "image"}, apply_chat_template_kwargs=kwargs)  # fmt: skip
@@ -106,10 +119,10 @@ async def test_every_turn_equals_the_template_rendering_with_the_same_kwargs(che
     assert len(engine.requests) == 3
 
     messages = [USER]
-    for turn, reply in enumerate(replies):
+    for turn, content in enumerate(contents):
         rendered = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
         assert engine.requests[turn]["input_ids"] == tok.encode(rendered, add_special_tokens=False), turn + 1
-        messages = messages + [{"role": "assistant", "content": reply[: -len("<|im_end|>")]}]
+        messages = messages + [{"role": "assistant", "content": content}]
         if turn < 2:
             messages.append(OBSERVATION)
     whole = tok.apply_chat_template(messages, tokenize=False, **kwargs)
