@@ -111,7 +111,7 @@ class RolloutConfig:
             raise ConfigError(f"plugin config {path} does not exist") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"plugin config {path} is not valid YAML: {exc}") from exc
-        return cls.from_mapping(values, source=str(path))
+        return cls.from_mapping(_env_file_beside(values, path), source=str(path))
 
     @classmethod
     def from_args(cls, args: Any) -> RolloutConfig:
@@ -140,6 +140,22 @@ class RolloutConfig:
 
 def _removed(source: str, key: str) -> str:
     return f"{source}: the plugin setting {key!r} was removed: {REMOVED_SETTINGS[key]}."
+
+
+def _env_file_beside(values: Any, path: Path) -> Any:
+    """A relative env file path in a YAML names the file next to the YAML when there is one, so a
+    config and its env can move together and run from any working directory. Dotted module names
+    (no ``/``, no ``.py``) are left to the import system."""
+    env = values.get("rollout_interaction_env_path") if isinstance(values, dict) else None
+    if not isinstance(env, str) or not (env.strip().endswith(".py") or "/" in env or "\\" in env):
+        return values
+    relative = Path(env.strip())
+    if relative.is_absolute() or env.strip().startswith("~"):
+        return values
+    beside = path.parent / relative
+    if not beside.is_file():
+        return values
+    return {**values, "rollout_interaction_env_path": str(beside.resolve())}
 
 
 def _check_type(key: str, value: Any, expected: type | tuple[type, ...]) -> None:

@@ -280,6 +280,8 @@ async def _env_turn(ctx: EpisodeContext, state: _State, record: TurnRecord, env:
     record.env_s = work.env_s
     if work.step_error is not None:
         record.error = f"{type(work.step_error).__name__}: {work.step_error}"
+        if isinstance(work.step_error, _BadStepResult):
+            raise _EpisodeEnded("FAILED", f"env.step at turn {record.turn} {work.step_error}")
         raise _EpisodeEnded("FAILED", f"env.step raised at turn {record.turn}: {work.step_traceback}")
     _observation, done, info = work.step
     _record_step_info(record, info, done)
@@ -319,9 +321,28 @@ def _observe(ctx, env, last_id: int | None, loop, work: _EnvWork) -> None:
     work.env_s += time.perf_counter() - started
 
 
+class _BadStepResult(TypeError):
+    """env.step returned something other than ``(observation, done, info)``."""
+
+
 def _step_result(result: Any) -> tuple[Any, Any, Any]:
-    observation, done, info = result
-    return observation, done, info
+    if isinstance(result, (tuple, list)) and len(result) == 3:
+        observation, done, info = result
+        return observation, done, info
+    shape = f"a {len(result)}-tuple" if isinstance(result, (tuple, list)) else f"a {type(result).__name__}"
+    hint = (
+        " (gymnasium's (observation, reward, terminated, truncated, info)? return the reward in info)"
+        if isinstance(result, (tuple, list)) and len(result) in (4, 5)
+        else ""
+    )
+    raise _BadStepResult(
+        f"returned {shape}: {_short_repr(result)}; it must return (observation, done, info){hint}"
+    )
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _resolved(value: Any, loop: asyncio.AbstractEventLoop) -> Any:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rollout.config import ConfigError as PluginConfigError
+from rollout.config import RolloutConfig
 from trainer.grpo import KL_LOSS_TYPES
 
 DEFAULT_PLUGIN_CONFIG = "configs/geo3k_vlm_multi_turn.yaml"
@@ -28,11 +30,16 @@ class ConfigError(ValueError):
     """A trainer setting is unknown or out of range; the message names the key and the fix."""
 
 
+#: Every way a setting can be wrong, trainer's or plugin's: what an entry point reports and exits on.
+CONFIG_ERRORS: tuple[type[Exception], ...] = (ConfigError, PluginConfigError)
+
+
 @dataclass
 class TrainConfig:
     # --- model and data ---
     hf_checkpoint: str = "tiny-qwen2.5-vl-small-vocab"  # a models preset or a local HF checkpoint dir
     prompt_data: str = ""  # train.parquet with columns problem, answer, images
+    drop_bad_rows: bool = False  # train on a file's usable rows; otherwise any bad row stops the run
     custom_config_path: str = DEFAULT_PLUGIN_CONFIG  # the plugin YAML (max_turns, env path, env kwargs)
     output_dir: str = "runs/geo3k"
     # --- rollout ---
@@ -181,3 +188,24 @@ class TrainConfig:
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir).expanduser()
+
+
+def plugin_config(cfg: TrainConfig) -> RolloutConfig:
+    """The plugin YAML (``cfg.custom_config_path``) with the trainer's overrides, validated the one
+    way every entry point validates it (``RolloutConfig.from_yaml``: unknown keys fail with the
+    nearest valid name, a relative env file path is found next to the YAML)."""
+    path = Path(cfg.custom_config_path).expanduser()
+    if not path.is_file():
+        raise PluginConfigError(
+            f"plugin config {path} does not exist; pass the YAML with max_turns and "
+            "rollout_interaction_env_path (e.g. configs/geo3k_vlm_multi_turn.yaml) as custom_config_path"
+        )
+    config = RolloutConfig.from_yaml(path)
+    changes: dict[str, Any] = {}
+    if cfg.max_turns is not None:
+        changes["max_turns"] = cfg.max_turns
+    if cfg.max_tokens_per_turn is not None:
+        changes["max_tokens_per_turn"] = cfg.max_tokens_per_turn
+    if cfg.env_kwargs is not None:
+        changes["env_kwargs"] = dict(cfg.env_kwargs)
+    return dataclasses.replace(config, **changes) if changes else config

@@ -1,6 +1,7 @@
 """Which prompts each rollout trains on: a seeded, stateless walk over the parquet rows.
 
-Rollout ``k`` takes rows ``k * rollout_batch_size ... (k + 1) * rollout_batch_size - 1`` of an endless
+Every row is validated when the source is opened (a bad row stops the run before its first step,
+or is dropped on request). Rollout ``k`` takes rows ``k * rollout_batch_size ... (k + 1) * rollout_batch_size - 1`` of an endless
 sequence of epochs, each epoch a permutation of the rows seeded by ``(seed, epoch)`` (or the file
 order when shuffling is off). Being a pure function of ``k``, the walk needs no saved state: a
 resumed run continues with exactly the prompts the uninterrupted run would have used.
@@ -24,13 +25,36 @@ class Prompt:
 
 
 class PromptSource:
-    def __init__(self, prompt_data: str | Path, *, seed: int, shuffle: bool = True) -> None:
-        from envs.geo3k.dataset import read_geo3k_parquet
+    """The usable rows of ``prompt_data``, every row validated up front (``validate_parquet``): a bad
+    row raises DatasetError naming every bad row, before the first step rather than at the step that
+    reaches it, unless ``drop_bad_rows`` leaves them out (``dropped`` lists what was left out)."""
+
+    def __init__(
+        self, prompt_data: str | Path, *, seed: int, shuffle: bool = True, drop_bad_rows: bool = False
+    ) -> None:
+        from envs.geo3k.dataset import DatasetError, format_row_problems, read_and_validate
 
         self.path = Path(prompt_data)
-        self.rows = read_geo3k_parquet(self.path)
+        rows, self.problems = read_and_validate(self.path)
+        bad = sorted({problem.index for problem in self.problems})
+        if bad and not drop_bad_rows:
+            raise DatasetError(
+                f"{self.path}: {len(bad)} of {len(rows)} row(s) cannot be trained on:\n"
+                f"{format_row_problems(self.problems)}\nFix or remove them (prepare_data.py --drop-bad-rows "
+                "writes a clean copy), or train on the other rows with --drop-bad-rows "
+                "(drop_bad_rows: true)",
+                self.problems,
+            )
+        self.dropped = bad
+        dropped = set(bad)
+        self.rows = [row for row in rows if row.index not in dropped]
         if not self.rows:
-            raise ValueError(f"{self.path} has no rows; point prompt_data at a non-empty train.parquet")
+            raise DatasetError(
+                f"{self.path} has no usable rows"
+                + (f" ({len(bad)} bad row(s) dropped)" if bad else "")
+                + "; point prompt_data at a non-empty train.parquet",
+                self.problems,
+            )
         self.seed = seed
         self.shuffle = shuffle
         self._epoch_orders: dict[int, list[int]] = {}
@@ -60,6 +84,6 @@ class PromptSource:
         for index in self.row_indices(rollout_id, batch_size):
             row = self.rows[index]
             prompts.append(
-                Prompt(row=index, problem=row.problem, label=row.answer, images=load_row_images(row))
+                Prompt(row=row.index, problem=row.problem, label=row.answer, images=load_row_images(row))
             )
         return prompts

@@ -1,5 +1,8 @@
 """Single-machine GRPO for multi-turn, tool-calling vision-language episodes.
 
+Before the model loads, the plugin YAML, the env module and every row of the prompt file are
+checked, so that a typo or a bad row fails in seconds with every problem named.
+
 The algorithm, per rollout step ``k = 0 .. num_rollout - 1``:
 
 1. Take ``rollout_batch_size`` prompts (a seeded walk over the parquet rows) and build
@@ -16,6 +19,10 @@ The algorithm, per rollout step ``k = 0 .. num_rollout - 1``:
    optionally ``- entropy_coef * entropy`` and ``+ kl_loss_coef * KL(policy || reference)``.
    AdamW, gradients accumulated over micro-batches and clipped to ``clip_grad``.
 6. Bump the engine's weight version, log metrics, record sample episodes, checkpoint.
+
+Failed episodes are named on the console each step (how many, the most common causes); when every
+episode of the first step failed for one cause (an env that cannot be built, a ``step`` that always
+raises), the run stops with that cause instead of training on rewards of 0.
 
 Where this departs from GRPO as published (DeepSeekMath, Shao et al. 2024), following slime's
 defaults and the geo3k recipe so that both backends optimize the same thing:
@@ -54,6 +61,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from envs.geo3k.dataset import DatasetError
+from envs.loader import load_env_module
 from trainer.batch import to_train_sample
 from trainer.checkpoint import (
     load_optimizer_state,
@@ -62,10 +71,10 @@ from trainer.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, plugin_config
 from trainer.data import PromptSource
 from trainer.grpo import group_advantages
-from trainer.metrics import MetricsLogger, read_metrics, rollout_metrics
+from trainer.metrics import MetricsLogger, failure_causes, format_failures, read_metrics, rollout_metrics
 from trainer.optim import MasterWeightAdamW
 from trainer.report import append_episodes, episode_record, write_report
 from trainer.rollouts import TurnSeededEngine, build_group_samples, rollout_args, run_rollout
@@ -125,6 +134,10 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
+    # --- checks that need no model, so that a typo or a bad row fails in seconds, not after loading ---
+    load_env_module(plugin_config(cfg).rollout_interaction_env_path)
+    prompts = _open_prompts(cfg, run_dir, log)
+
     # --- setup: model (from the checkpoint when resuming), optimizer, engine, data ---
     start_step = 0
     checkpoint = resolve_resume(resume, run_dir) if resume else None
@@ -156,7 +169,6 @@ def train(
     )
     engine.weight_version = start_step
     args = rollout_args(cfg, TurnSeededEngine(engine), str(policy.path))
-    prompts = PromptSource(cfg.prompt_data, seed=cfg.seed, shuffle=cfg.rollout_shuffle)
     pad_id = policy.tokenizer.pad_token_id if policy.tokenizer.pad_token_id is not None else 0
     image_pad_id = getattr(policy.model.config, "image_token_id", None)
     initial_checkpoint = (
@@ -188,6 +200,7 @@ def train(
             samples = build_group_samples(batch, cfg, policy.tokenizer, step)
             asyncio.run(run_rollout(args, samples, cfg, step))
             rollout_time = time.perf_counter() - started
+            _report_failures(samples, step, first=step == start_step, write=logger.write)
 
             rewards = [float(s.reward) for s in samples]
             advantages = _advantages(rewards, cfg)
@@ -260,6 +273,51 @@ def train(
         last_checkpoint=last_checkpoint,
         report=report,
     )
+
+
+class RolloutFailedError(RuntimeError):
+    """Every episode of the run's first step failed for one cause: more steps would fail the same way."""
+
+
+def _open_prompts(cfg: TrainConfig, run_dir: Path, log) -> PromptSource:
+    """The prompt rows, every one validated; the full list of bad rows goes to ``bad_rows.txt``."""
+    try:
+        prompts = PromptSource(
+            cfg.prompt_data, seed=cfg.seed, shuffle=cfg.rollout_shuffle, drop_bad_rows=cfg.drop_bad_rows
+        )
+    except DatasetError as error:
+        if not error.problems:
+            raise
+        listing = _write_bad_rows(run_dir, error.problems)
+        raise DatasetError(f"{error}\nEvery problem found: {listing}", error.problems) from None
+    if prompts.dropped:
+        listing = _write_bad_rows(run_dir, prompts.problems)
+        log(
+            f"dropped {len(prompts.dropped)} bad row(s) of {cfg.prompt_data} (drop_bad_rows); "
+            f"training on the other {len(prompts)}; why each was dropped: {listing}"
+        )
+    return prompts
+
+
+def _write_bad_rows(run_dir: Path, problems) -> Path:
+    path = run_dir / "bad_rows.txt"
+    path.write_text("".join(f"{problem}\n" for problem in problems))
+    return path
+
+
+def _report_failures(samples, step: int, *, first: bool, write) -> None:
+    """Failed episodes on the console, with their most common causes (episodes.jsonl has them all).
+    A first step whose episodes all failed for one cause stops the run: an env that cannot be built
+    or whose step always raises would otherwise train on reward 0 and exit as if all went well."""
+    causes = failure_causes(samples)
+    if not causes:
+        return
+    write(f"step {step}: {format_failures(causes, len(samples))}")
+    if first and len(causes) == 1 and sum(causes.values()) == len(samples):
+        (cause,) = causes
+        raise RolloutFailedError(
+            f"every episode of the first step failed with the same cause, so the run stops: {cause}"
+        )
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float]:

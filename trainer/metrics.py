@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -154,3 +155,35 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
                 record = json.loads(line)
                 by_step[int(record["step"])] = record
     return [by_step[step] for step in sorted(by_step)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Why episodes failed
+
+
+def failure_cause(reason: str) -> str:
+    """A FAILED episode's ``status_reason`` as one line that episodes failing the same way share:
+    a traceback is cut to its last line (the exception), the turn number is left out."""
+    head, marker, trace = reason.partition("Traceback (most recent call last):")
+    if marker:
+        lines = [line.strip() for line in trace.splitlines() if line.strip()]
+        reason = f"{head.strip()} {lines[-1] if lines else ''}".strip()
+    line = re.sub(r" at turn \d+", "", reason.strip().splitlines()[0] if reason.strip() else "no reason given")
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def failure_causes(samples: list[Any]) -> Counter[str]:
+    """How many of ``samples`` FAILED for each cause (``failure_cause``), most common first."""
+    return Counter(
+        failure_cause(str((s.metadata or {}).get("status_reason", "")))
+        for s in samples
+        if getattr(s.status, "name", str(s.status)).lower() == "failed"
+    )
+
+
+def format_failures(causes: Counter[str], total: int, *, top: int = 3) -> str:
+    """``"5/8 episodes failed (62%): 4x cause; 1x cause"``, the ``top`` most common causes."""
+    failed = sum(causes.values())
+    shown = "; ".join(f"{count}x {cause}" for cause, count in causes.most_common(top))
+    more = f"; {len(causes) - top} more cause(s)" if len(causes) > top else ""
+    return f"{failed}/{total} episodes failed ({failed / total:.0%}): {shown}{more}"

@@ -17,12 +17,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import types
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, plugin_config
 from trainer.data import Prompt
 
 
@@ -50,23 +47,10 @@ class TurnSeededEngine:
 
 
 def plugin_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """The plugin YAML's settings with the trainer's overrides (max_turns, max_tokens_per_turn, env_kwargs)."""
-    path = Path(cfg.custom_config_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"plugin config {path} does not exist; pass the YAML with max_turns and "
-            "rollout_interaction_env_path (e.g. configs/geo3k_vlm_multi_turn.yaml) as custom_config_path"
-        )
-    settings = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(settings, dict):
-        raise ValueError(f"plugin config {path} must be a mapping of settings, got {type(settings).__name__}")
-    if cfg.max_turns is not None:
-        settings["max_turns"] = cfg.max_turns
-    if cfg.max_tokens_per_turn is not None:
-        settings["max_tokens_per_turn"] = cfg.max_tokens_per_turn
-    if cfg.env_kwargs is not None:
-        settings["env_kwargs"] = dict(cfg.env_kwargs)
-    return settings
+    """The plugin YAML's settings with the trainer's overrides (max_turns, max_tokens_per_turn,
+    env_kwargs), validated as every entry point validates them (trainer.config.plugin_config)."""
+    config = plugin_config(cfg)
+    return {name: getattr(config, name) for name in config.setting_names()}
 
 
 def rollout_args(cfg: TrainConfig, engine: Any, hf_checkpoint: str) -> types.SimpleNamespace:

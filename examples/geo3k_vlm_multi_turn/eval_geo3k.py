@@ -103,10 +103,42 @@ def rollout_args(cli: argparse.Namespace, engine: Any, hf_checkpoint: str) -> ty
     return args
 
 
+def check_env(cli: argparse.Namespace) -> None:
+    """The plugin YAML (every key) and the env module it names, before a model is loaded."""
+    from envs.loader import load_env_module
+    from rollout.config import RolloutConfig
+
+    load_env_module(RolloutConfig.from_yaml(cli.config).rollout_interaction_env_path)
+
+
+def failure_lines(report: Any, *, top: int = 5) -> list[str]:
+    """Why episodes failed (and problems could not run), most common cause first."""
+    from collections import Counter
+
+    from trainer.metrics import failure_cause
+
+    causes: Counter[str] = Counter()
+    for problem in report.problems:
+        if problem.error:
+            causes[f"problem could not run: {failure_cause(problem.error)}"] += 1
+        for sample in problem.samples:
+            if sample.status == "FAILED":
+                causes[failure_cause(sample.status_reason)] += 1
+    if not causes:
+        return []
+    episodes = sum(len(problem.samples) for problem in report.problems)
+    lines = [f"failures ({sum(causes.values())} of {episodes} episodes, or problems that could not run):"]
+    lines += [f"  {count}x {cause}" for cause, count in causes.most_common(top)]
+    if len(causes) > top:
+        lines.append(f"  ... and {len(causes) - top} more cause(s); every reason is in the JSON report")
+    return lines
+
+
 async def run(cli: argparse.Namespace):
     from envs.geo3k.dataset import read_geo3k_parquet
     from rollout.evaluation import evaluate
 
+    check_env(cli)
     rows = read_geo3k_parquet(cli.data)
     if cli.limit is not None:
         rows = rows[: cli.limit]
@@ -149,13 +181,19 @@ async def run(cli: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> int:
     cli = parse_args(argv)
+    from envs.loader import EnvLoadError
+
     try:
         report = asyncio.run(run(cli))
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, EnvLoadError) as error:
+        # ValueError covers the plugin's ConfigError and a dataset's DatasetError: messages that
+        # name the problem and the fix, which a traceback would only bury.
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"{cli.data}: {report.settings['engine']}")
     print(report.format_table())
+    for line in failure_lines(report):
+        print(line)
     if cli.out is not None:
         print(f"wrote {report.write_json(cli.out)}")
     return 0

@@ -35,7 +35,10 @@ if importlib.util.find_spec("trainer") is None:
 
 import yaml  # noqa: E402
 
-from trainer.config import ConfigError, TrainConfig  # noqa: E402
+from envs.geo3k.dataset import DatasetError  # noqa: E402
+from envs.loader import EnvLoadError  # noqa: E402
+from trainer.config import CONFIG_ERRORS, ConfigError, TrainConfig, plugin_config  # noqa: E402
+from trainer.loop import RolloutFailedError  # noqa: E402
 from trainer.slime_launch import (  # noqa: E402
     DATASET_REPO,
     SLIME_RECIPE,
@@ -93,6 +96,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--demo", action="store_true", help="the tiny CPU demo: tiny model, generated sample data"
     )
     parser.add_argument("--dry-run", action="store_true", help="print what would run, then exit")
+    parser.add_argument(
+        "--drop-bad-rows",
+        action="store_true",
+        help="local: train on the usable rows of the data (default: any bad row stops the run before step 1)",
+    )
     parser.add_argument(
         "--resume", nargs="?", const="latest", help="resume from a checkpoint or run directory"
     )
@@ -184,10 +192,26 @@ def ensure_dataset(data_dir: Path) -> Path:
         from huggingface_hub import snapshot_download
 
         print(f"downloading {DATASET_REPO} into {data_dir}")
-        snapshot_download(repo_id=DATASET_REPO, repo_type="dataset", local_dir=str(data_dir))
+        try:
+            snapshot_download(repo_id=DATASET_REPO, repo_type="dataset", local_dir=str(data_dir))
+        except Exception as error:  # offline, no such host, no access: the cause is often a mistyped path
+            raise FileNotFoundError(_no_data_hint(data_dir, error)) from error
     if "train" not in find_parquet_splits(data_dir):
         raise FileNotFoundError(f"{data_dir} holds no train split (train.parquet or train-*.parquet)")
     return prepare_local_images(data_dir)
+
+
+def _no_data_hint(data_dir: Path, error: Exception) -> str:
+    from envs.base import did_you_mean
+
+    where = f"{data_dir} does not exist" if not data_dir.exists() else f"{data_dir} holds no .parquet file"
+    siblings = [p.name for p in data_dir.parent.iterdir() if p.is_dir()] if data_dir.parent.is_dir() else []
+    close = did_you_mean(data_dir.name, siblings)
+    return (
+        f"{where}, and downloading {DATASET_REPO} into it failed ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else 'no message'}). Check the --data-dir path.{close} "
+        "Point --data-dir at a directory with train.parquet, or use --demo for generated sample data"
+    )
 
 
 def _has_url_images(train: Path) -> bool:
@@ -218,15 +242,16 @@ def prepare_local_images(data_dir: Path) -> Path:
     return prepared
 
 
-def ensure_model(name: str, model_root: Path) -> str:
-    """A preset name or a checkpoint directory, downloading a Hugging Face repo when it is not local."""
+def check_model_name(name: str) -> str:
+    """The Hugging Face repo to download for ``name``, or "" for a preset or a checkpoint directory.
+    Raises FileNotFoundError (with the nearest preset or recipe name) when it is none of these."""
+    from envs.base import did_you_mean
     from models import PRESETS
+    from trainer.slime_launch import SLIME_MODELS
 
-    if name in PRESETS:
-        return name
     path = Path(name).expanduser()
-    if (path / "config.json").is_file():
-        return str(path)
+    if name in PRESETS or (path / "config.json").is_file():
+        return ""
     try:
         repo = slime_model(name).hf_repo
     except KeyError:
@@ -234,8 +259,24 @@ def ensure_model(name: str, model_root: Path) -> str:
     if "/" not in repo:
         raise FileNotFoundError(
             f"model {name!r} is not a preset, not a checkpoint directory, and not a Hugging Face repo "
-            "(owner/name); pass e.g. --model Qwen/Qwen2.5-VL-3B-Instruct"
+            f"(owner/name).{did_you_mean(name, [*PRESETS, *SLIME_MODELS])} Presets: {', '.join(PRESETS)}; "
+            "or pass e.g. --model Qwen/Qwen2.5-VL-3B-Instruct"
         )
+    if path.is_dir() or name.startswith((".", "~")) or path.is_absolute():
+        raise FileNotFoundError(
+            f"model directory {path} has no config.json; pass a Hugging Face checkpoint directory, a "
+            f"preset ({', '.join(PRESETS)}) or a repo such as Qwen/Qwen2.5-VL-3B-Instruct"
+        )
+    return repo
+
+
+def ensure_model(name: str, model_root: Path) -> str:
+    """A preset name or a checkpoint directory, downloading a Hugging Face repo when it is not local."""
+    from models import PRESETS
+
+    repo = check_model_name(name)
+    if not repo:
+        return name if name in PRESETS else str(Path(name).expanduser())
     local = model_root / repo.split("/")[-1]
     if not (local / "config.json").is_file():
         from huggingface_hub import snapshot_download
@@ -259,9 +300,23 @@ def local_config(args: argparse.Namespace) -> TrainConfig:
         args.output_dir or REPO_ROOT / "runs" / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     values["use_tensorboard"] = args.tensorboard
+    if args.drop_bad_rows:
+        values["drop_bad_rows"] = True
     if args.wandb_project:
         values.update(use_wandb=True, wandb_project=args.wandb_project)
     return TrainConfig.from_dict(values)
+
+
+def check_local(cfg: TrainConfig, model: str) -> str:
+    """What can be checked before anything is downloaded or loaded: the plugin YAML (every key), the
+    env module it names, and that the model names a preset, a checkpoint directory or a repo.
+    Returns the env module's path; raises the error a run would otherwise hit later."""
+    from envs.loader import load_env_module
+
+    env_path = plugin_config(cfg).rollout_interaction_env_path
+    load_env_module(env_path)
+    check_model_name(model)
+    return env_path
 
 
 def run_local(args: argparse.Namespace) -> int:
@@ -269,10 +324,12 @@ def run_local(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or default_data
     model = args.model or (DEMO_MODEL if args.demo else DEFAULT_LOCAL_MODEL)
     cfg = local_config(args).replace(prompt_data=str(data_dir / "train.parquet"), hf_checkpoint=model)
+    env_path = check_local(cfg, model)
     if args.dry_run:
         print("local trainer settings (nothing downloaded or generated):")
         for key, value in cfg.to_dict().items():
             print(f"  {key}: {value}")
+        print(f"plugin config {cfg.custom_config_path}: valid; env module {env_path}: loads")
         return 0
     data = ensure_sample_data(data_dir) if args.demo else ensure_dataset(data_dir)
     cfg = cfg.replace(prompt_data=str(data))
@@ -360,9 +417,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return run_local(args) if backend == "local" else run_slime(args)
-    except (ConfigError, KeyError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (*CONFIG_ERRORS, EnvLoadError, KeyError, FileNotFoundError, yaml.YAMLError) as error:
+        # Messages that name the problem and the fix: a traceback would only bury them.
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    except (DatasetError, RolloutFailedError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
