@@ -122,21 +122,23 @@ async def test_async_step_is_awaited_on_the_loop() -> None:
 
 
 async def test_a_slow_sync_step_does_not_block_other_coroutines() -> None:
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     class BlockingEnv(SlimeStyleEnv):
         def step(self, response_text):
-            release.wait(5)
-            return {}, True, {}
+            started.set()
+            # Only a coroutine on the loop releases it: True if the loop ran while the step was
+            # blocked here, False if the step held the loop until this hang guard gave up.
+            return {}, True, {"released": release.wait(60)}
 
-    async def unblock_soon() -> str:
-        await asyncio.sleep(0.05)
+    async def release_once_the_step_runs() -> str:
+        while not started.is_set():
+            await asyncio.sleep(0.001)
         release.set()
         return "loop ran"
 
-    # If the step ran on the loop thread it would hold the loop for 5 s and time out here.
-    results = await asyncio.wait_for(asyncio.gather(call_step(BlockingEnv(), "x"), unblock_soon()), timeout=2)
-    assert results == [({}, True, {}), "loop ran"]
+    results = await asyncio.gather(call_step(BlockingEnv(), "x"), release_once_the_step_runs())
+    assert results == [({}, True, {"released": True}), "loop ran"]
 
 
 @pytest.mark.parametrize(

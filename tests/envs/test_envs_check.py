@@ -19,8 +19,15 @@ def _errors(report) -> list[tuple[str, str, list[str]]]:
     return [(v.where, v.message, v.cases) for v in report.errors]
 
 
+#: Grading timeout for the geo3k check: the factorial tower runs into it; ordinary answers, which
+#: take milliseconds, must stay far below it even on a loaded machine.
+GEO3K_GRADING_TIMEOUT_S = 3.0
+
+
 def test_geo3k_passes(grader: Grader) -> None:
-    report = check_env_module("envs.geo3k", env_kwargs={"grader": grader, "grading_timeout_s": 1.0})
+    report = check_env_module(
+        "envs.geo3k", env_kwargs={"grader": grader, "grading_timeout_s": GEO3K_GRADING_TIMEOUT_S}
+    )
     assert report.errors == []
     assert report.warnings == []
     assert report.ok
@@ -32,11 +39,9 @@ def test_geo3k_passes(grader: Grader) -> None:
         "done=False",
         "done=True",
     )
-    timings = {t.case: t.seconds for t in report.timings}
-    # The tower is refused before grading; the factorial tower runs into the 1 s grading timeout.
-    assert timings["hostile math"] < 1.0
-    assert 1.0 <= timings["slow math"] < 4.0
-    assert max(s for case, s in timings.items() if case != "slow math") < 4.0
+    # The factorial tower's step lasts at least the grading timeout it runs into. (That the power
+    # tower is refused before it reaches a grading worker is pinned in test_envs_grading.py.)
+    assert {t.case: t.seconds for t in report.timings}["slow math"] >= GEO3K_GRADING_TIMEOUT_S
     assert report.render().endswith("PASS: 0 error(s), 0 warning(s)")
 
 
