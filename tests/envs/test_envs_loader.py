@@ -126,3 +126,25 @@ def test_package_directory_asks_for_the_dotted_name() -> None:
         f"'{root / 'envs' / 'geo3k'}' is a package directory; pass its dotted module name (e.g. envs.geo3k) "
         "or the path of a .py file"
     )
+
+
+def test_a_relative_env_file_in_a_plugin_yaml_is_found_next_to_the_yaml(fixtures_dir, tmp_path, monkeypatch):
+    """Every entry point reads the YAML through RolloutConfig.from_yaml (slime's generate too), so
+    a config and its env file can move together and run from any working directory."""
+    from rollout.config import RolloutConfig
+
+    folder = tmp_path / "configs"
+    (folder / "envs").mkdir(parents=True)
+    (folder / "envs" / "my_env.py").write_text((fixtures_dir / "good_sync_env.py").read_text())
+    plugin = folder / "plugin.yaml"
+    plugin.write_text("rollout_interaction_env_path: envs/my_env.py\n")
+    monkeypatch.chdir(tmp_path)
+    path = RolloutConfig.from_yaml(plugin).rollout_interaction_env_path
+    assert path == str((folder / "envs" / "my_env.py").resolve())
+    assert callable(load_env_module(path).build_env)
+    # A file that is not next to the YAML stays relative to the working directory; dotted names stay.
+    (tmp_path / "here.py").write_text((fixtures_dir / "good_sync_env.py").read_text())
+    plugin.write_text("rollout_interaction_env_path: here.py\n")
+    assert RolloutConfig.from_yaml(plugin).rollout_interaction_env_path == "here.py"
+    plugin.write_text("rollout_interaction_env_path: envs.geo3k\n")
+    assert RolloutConfig.from_yaml(plugin).rollout_interaction_env_path == "envs.geo3k"

@@ -289,3 +289,34 @@ def test_command_line_needs_a_tokenizer_for_sglang(tmp_path, capsys):
         load_script().parse_args(["--data", "x.parquet", "--sglang-url", "http://127.0.0.1:1"])
     assert exit_info.value.code == 2
     assert "--sglang-url needs --hf-checkpoint" in capsys.readouterr().err
+
+
+def test_command_line_rejects_a_yaml_typo_and_a_wrong_env_before_loading_a_model(
+    sample_problems, tmp_path, capsys
+):
+    write_geo3k_parquet(sample_problems[:1], tmp_path, split_name="test")
+    common = ["--data", str(tmp_path / "test.parquet"), "--model", "/nonexistent/model", "--no-progress"]
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("max_turn: 3\n")
+    assert load_script().main([*common, "--config", str(typo)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: {typo}: unknown plugin setting 'max_turn'. Did you mean 'max_turns'?"
+    )
+    wrong_env = tmp_path / "env.yaml"
+    wrong_env.write_text("rollout_interaction_env_path: envs.geo3kk\n")
+    assert load_script().main([*common, "--config", str(wrong_env)]) == 2
+    assert capsys.readouterr().err.startswith("error: env module 'envs.geo3kk' not found")
+
+
+def test_command_line_prints_why_episodes_failed(sample_problems, tmp_path, capsys):
+    """An env_kwargs typo fails every episode: the table alone would show only a score of 0."""
+    write_geo3k_parquet(sample_problems[:2], tmp_path, split_name="test")
+    plugin = tmp_path / "plugin.yaml"
+    plugin.write_text("rollout_interaction_env_path: envs.geo3k\nenv_kwargs:\n  end_on_corect: true\n")
+    argv = ["--data", str(tmp_path / "test.parquet"), "--model", "tiny-qwen2.5-vl-small-vocab", "-n", "2"]
+    argv += ["--max-new-tokens", "16", "--device", "cpu", "--no-progress", "--config", str(plugin)]
+    assert load_script().main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("failures (4 of 4 episodes, or problems that could not run):")
+    assert lines[start + 1].startswith("  4x the env could not be built or reset: EnvConfigError: ")
+    assert "end_on_corect" in lines[start + 1]
