@@ -1,13 +1,28 @@
 """Tool-call parsing shared by all environments.
 
-The model calls a tool by writing a block::
+The model calls a tool by writing a block, in one of two forms (``form``), the one its chat
+template teaches. ``"json"`` (Qwen2.5-VL, Qwen3-VL)::
 
     <tool_call>{"name": "calc_score", "arguments": {"answer": "7/2"}}</tool_call>
 
-:func:`parse_tool_call` finds such blocks, decodes the first complete one with strict JSON
-(``json.loads``), and checks it against the env's :class:`ToolSpec` list. It accepts two payload
-shapes: ``{"name": ..., "arguments": {...}}`` (arguments may also be a JSON-encoded string, as
-OpenAI-style serializers write them) and ``{"function": {"name": ..., "arguments": ...}}``.
+``"xml"`` (Qwen3.5; what SGLang's ``qwen3_coder`` detector reads)::
+
+    <tool_call>
+    <function=calc_score>
+    <parameter=answer>
+    7/2
+    </parameter>
+    </function>
+    </tool_call>
+
+:func:`parse_tool_call` finds such blocks, decodes the first complete one and checks it against the
+env's :class:`ToolSpec` list. JSON is decoded strictly (``json.loads``) in two payload shapes:
+``{"name": ..., "arguments": {...}}`` (arguments may also be a JSON-encoded string, as OpenAI-style
+serializers write them) and ``{"function": {"name": ..., "arguments": ...}}``. XML is one
+``<function=NAME>`` element holding zero or more ``<parameter=KEY>VALUE</parameter>`` elements and
+nothing else but whitespace; a value is the text between its tags less one leading and one trailing
+newline (the template writes ``\\n`` + value + ``\\n``), always a string. :func:`call_form_for`
+tells which form a checkpoint's chat template teaches.
 
 Which call counts: **the first complete block is the call**. If that block is malformed the turn's
 call is malformed, even if a later block is fine; blocks after it are counted in
@@ -15,11 +30,14 @@ call is malformed, even if a later block is fine; blocks after it are counted in
 the episode simple to grade and to learn from.
 
 Every failure is reported as a :class:`ToolCallError` with a :class:`ToolCallErrorKind` and a message
-written for the model (what was wrong and what to write instead), never as an exception.
+written for the model (what was wrong and what to write instead), never as an exception. Both forms
+share the kinds; only a malformed payload differs: INVALID_JSON for the JSON form, INVALID_XML for
+the XML form.
 
 The scanner works on hostile text in linear time: it uses ``str.find`` (no regular expressions
 that can backtrack), decodes only one block, caps a block's size at :data:`MAX_BLOCK_CHARS` and
-counts at most :data:`MAX_BLOCKS` blocks.
+counts at most :data:`MAX_BLOCKS` blocks. The XML decoder only ever searches forward from where it
+stands.
 """
 
 from __future__ import annotations
@@ -28,11 +46,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from envs.base import nearest_name
 
 __all__ = [
+    "CALL_FORMS",
     "CLOSE_TAG",
     "MAX_BLOCKS",
     "MAX_BLOCK_CHARS",
@@ -42,6 +63,7 @@ __all__ = [
     "ToolCallError",
     "ToolCallErrorKind",
     "ToolSpec",
+    "call_form_for",
     "format_call",
     "parse_tool_call",
 ]
@@ -53,6 +75,12 @@ MAX_BLOCK_CHARS = 65_536
 #: Blocks counted per response; later ones are not even located.
 MAX_BLOCKS = 64
 _SNIPPET_CHARS = 24
+#: The call forms :func:`parse_tool_call` reads (see the module docstring).
+CALL_FORMS = ("json", "xml")
+_FUNCTION_OPEN = "<function="
+_FUNCTION_CLOSE = "</function>"
+_PARAMETER_OPEN = "<parameter="
+_PARAMETER_CLOSE = "</parameter>"
 
 
 class ToolCallErrorKind(str, Enum):
@@ -62,6 +90,7 @@ class ToolCallErrorKind(str, Enum):
     UNTERMINATED_BLOCK = "unterminated_block"
     BLOCK_TOO_LARGE = "block_too_large"
     INVALID_JSON = "invalid_json"
+    INVALID_XML = "invalid_xml"
     NOT_AN_OBJECT = "not_an_object"
     NO_NAME = "no_name"
     UNKNOWN_TOOL = "unknown_tool"
@@ -180,20 +209,41 @@ def _scan_blocks(text: str) -> _Blocks:
     return _Blocks(spans, stray, unterminated_at, truncated=False)
 
 
-def format_call(name: str, arguments: dict[str, Any]) -> str:
-    """The exact text of a well-formed call, for "write it like this" feedback."""
-    payload = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-    return f"{OPEN_TAG}{payload}{CLOSE_TAG}"
+def _check_form(form: str) -> None:
+    if form not in CALL_FORMS:
+        raise ValueError(f"unknown tool call form {form!r}; choose one of {', '.join(CALL_FORMS)}")
 
 
-def parse_tool_call(text: str, tools: Sequence[ToolSpec] | None = None) -> ParseResult:
+def format_call(name: str, arguments: dict[str, Any], form: str = "json") -> str:
+    """The exact text of a well-formed call in ``form``, for "write it like this" feedback. In the
+    XML form a non-string value is written as JSON, as Qwen3.5's chat template writes it."""
+    _check_form(form)
+    if form == "json":
+        payload = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+        return f"{OPEN_TAG}{payload}{CLOSE_TAG}"
+    lines = [OPEN_TAG, f"{_FUNCTION_OPEN}{name}>"]
+    for key, value in arguments.items():
+        shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        lines += [f"{_PARAMETER_OPEN}{key}>", shown, _PARAMETER_CLOSE]
+    lines += [_FUNCTION_CLOSE, CLOSE_TAG]
+    return "\n".join(lines)
+
+
+def _payload_words(form: str) -> str:
+    return "a JSON object" if form == "json" else "a <function=NAME> element"
+
+
+def parse_tool_call(text: str, tools: Sequence[ToolSpec] | None = None, *, form: str = "json") -> ParseResult:
     """Parse the first complete ``<tool_call>`` block of ``text`` (see the module docstring).
 
     ``tools``: the tools the env offers; a call to another name is an UNKNOWN_TOOL error and
     required arguments are checked. ``None`` accepts any tool name and checks no arguments.
+    ``form``: "json" or "xml", the call form the model was taught (:func:`call_form_for`).
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_tool_call expects the response text as str, got {type(text).__name__}")
+    _check_form(form)
+    payload = _payload_words(form)
     scan = _scan_blocks(text)
     common = {
         "blocks": len(scan.spans),
@@ -205,7 +255,8 @@ def parse_tool_call(text: str, tools: Sequence[ToolSpec] | None = None) -> Parse
             return ParseResult(
                 error=ToolCallError(
                     ToolCallErrorKind.UNTERMINATED_BLOCK,
-                    f"the {OPEN_TAG} block is not closed: write {CLOSE_TAG} right after the JSON object",
+                    f"the {OPEN_TAG} block is not closed: write {CLOSE_TAG} right after "
+                    + ("the JSON object" if form == "json" else _FUNCTION_CLOSE),
                     span=(scan.unterminated_at, len(text)),
                 ),
                 **common,
@@ -213,7 +264,7 @@ def parse_tool_call(text: str, tools: Sequence[ToolSpec] | None = None) -> Parse
         return ParseResult(
             error=ToolCallError(
                 ToolCallErrorKind.NO_BLOCK,
-                f"no tool call found: a call is a JSON object between {OPEN_TAG} and {CLOSE_TAG}",
+                f"no tool call found: a call is {payload} between {OPEN_TAG} and {CLOSE_TAG}",
             ),
             **common,
         )
@@ -224,23 +275,26 @@ def parse_tool_call(text: str, tools: Sequence[ToolSpec] | None = None) -> Parse
         more = " or more" if scan.truncated else ""
         notes.append(f"only the first tool call was run; {ignored}{more} later call(s) were ignored")
     block = scan.spans[0]
-    call, error = _decode_block(text, block, tools)
+    call, error = _decode_block(text, block, tools, form)
     return ParseResult(call=call, error=error, ignored_blocks=ignored, notes=tuple(notes), **common)
 
 
 def _decode_block(
-    text: str, block: tuple[int, int, int, int], tools: Sequence[ToolSpec] | None
+    text: str, block: tuple[int, int, int, int], tools: Sequence[ToolSpec] | None, form: str
 ) -> tuple[ToolCall | None, ToolCallError | None]:
     start, body_start, body_end, end = block
     span = (start, end)
     if body_end - body_start > MAX_BLOCK_CHARS:
+        small = "one small JSON object" if form == "json" else "one short <function=NAME> element"
         return None, ToolCallError(
             ToolCallErrorKind.BLOCK_TOO_LARGE,
             f"the {OPEN_TAG} block is {body_end - body_start} characters long (the limit is "
-            f"{MAX_BLOCK_CHARS}): a call holds one small JSON object",
+            f"{MAX_BLOCK_CHARS}): a call holds {small}",
             span=span,
         )
     body = text[body_start:body_end]
+    if form == "xml":
+        return _decode_xml(body, body_start, span, tools)
     if not body.strip():
         return None, ToolCallError(
             ToolCallErrorKind.INVALID_JSON,
@@ -294,8 +348,23 @@ def _validate_payload(
             f'the tool call needs a non-empty string "name"; got {got}',
             span=span,
         )
-    name = name.strip()
+    arguments, error = _decode_arguments(container, span)
+    if error is not None:
+        return None, error
+    assert arguments is not None
+    hint = ' (use "arguments", not "parameters")' if "parameters" in container else ""
+    return _check_call(name.strip(), arguments, span, tools, missing_hint=hint)
 
+
+def _check_call(
+    name: str,
+    arguments: dict[str, Any],
+    span: tuple[int, int],
+    tools: Sequence[ToolSpec] | None,
+    missing_hint: str = "",
+) -> tuple[ToolCall | None, ToolCallError | None]:
+    """The checks both forms share once name and arguments are decoded: a known tool, its
+    required arguments present and not empty."""
     spec: ToolSpec | None = None
     if tools is not None:
         spec = next((t for t in tools if name in t.names), None)
@@ -310,17 +379,12 @@ def _validate_payload(
                 suggestion=suggestion,
             )
 
-    arguments, error = _decode_arguments(container, span)
-    if error is not None:
-        return None, error
-    assert arguments is not None
     if spec is not None:
         for key in spec.required:
             if key not in arguments:
-                hint = ' (use "arguments", not "parameters")' if "parameters" in container else ""
                 return None, ToolCallError(
                     ToolCallErrorKind.MISSING_ARGUMENT,
-                    f'the call to {spec.name} is missing the required argument "{key}"{hint}',
+                    f'the call to {spec.name} is missing the required argument "{key}"{missing_hint}',
                     span=span,
                 )
             value = arguments[key]
@@ -373,3 +437,130 @@ def _json_type(value: Any) -> str:
     if isinstance(value, list):
         return "array"
     return "object"
+
+
+def _xml_error(message: str, span: tuple[int, int], body_start: int, at: int) -> ToolCallError:
+    return ToolCallError(ToolCallErrorKind.INVALID_XML, message, span=span, position=body_start + at)
+
+
+def _xml_name(body: str, start: int, what: str) -> tuple[str | None, int, str | None]:
+    """The name in ``<function=NAME>`` / ``<parameter=NAME>`` whose ``=`` ends at ``start``:
+    (name, index after '>', None) or (None, index, why not)."""
+    close = body.find(">", start)
+    newline = body.find("\n", start, close if close >= 0 else len(body))
+    if close < 0 or newline >= 0:
+        return None, start, f"the <{what}=...> tag is not closed with '>' on its line"
+    name = body[start:close].strip()
+    if not name or "<" in name:
+        return None, start, f"the <{what}=...> tag needs a name, e.g. <{what}={'answer' if what == 'parameter' else 'calc_score'}>"
+    return name, close + 1, None
+
+
+def _skip_space(body: str, at: int) -> int:
+    while at < len(body) and body[at].isspace():
+        at += 1
+    return at
+
+
+def _decode_xml(
+    body: str, body_start: int, span: tuple[int, int], tools: Sequence[ToolSpec] | None
+) -> tuple[ToolCall | None, ToolCallError | None]:
+    expected = f"a call is {_FUNCTION_OPEN}NAME> holding {_PARAMETER_OPEN}KEY>VALUE{_PARAMETER_CLOSE} elements"
+    at = _skip_space(body, 0)
+    if at == len(body):
+        return None, _xml_error(f"the {OPEN_TAG} block is empty: {expected}", span, body_start, 0)
+    if not body.startswith(_FUNCTION_OPEN, at):
+        got = "a JSON object" if body[at] == "{" else repr(body[at : at + _SNIPPET_CHARS])
+        return None, _xml_error(
+            f"the tool call must start with {_FUNCTION_OPEN}NAME>, got {got}: {expected}", span, body_start, at
+        )
+    name, at, why = _xml_name(body, at + len(_FUNCTION_OPEN), "function")
+    if name is None:
+        kind = ToolCallErrorKind.NO_NAME if why and "needs a name" in why else ToolCallErrorKind.INVALID_XML
+        return None, ToolCallError(kind, f"{why} ({expected})", span=span, position=body_start + at)
+    arguments: dict[str, Any] = {}
+    while True:
+        at = _skip_space(body, at)
+        if body.startswith(_PARAMETER_OPEN, at):
+            key, at, why = _xml_name(body, at + len(_PARAMETER_OPEN), "parameter")
+            if key is None:
+                return None, _xml_error(f"{why} ({expected})", span, body_start, at)
+            value_end = body.find(_PARAMETER_CLOSE, at)
+            if value_end < 0:
+                return None, _xml_error(
+                    f"the parameter {key!r} is not closed: write {_PARAMETER_CLOSE} after its value",
+                    span, body_start, at,
+                )  # fmt: skip
+            if key in arguments:
+                return None, ToolCallError(
+                    ToolCallErrorKind.INVALID_ARGUMENTS,
+                    f"the parameter {key!r} is given twice; give each parameter once",
+                    span=span,
+                )
+            value = body[at:value_end]
+            value = value[1:] if value.startswith("\n") else value
+            arguments[key] = value[:-1] if value.endswith("\n") else value
+            at = value_end + len(_PARAMETER_CLOSE)
+        elif body.startswith(_FUNCTION_CLOSE, at):
+            rest = _skip_space(body, at + len(_FUNCTION_CLOSE))
+            if rest != len(body):
+                return None, _xml_error(
+                    f"text after {_FUNCTION_CLOSE} inside the {OPEN_TAG} block: "
+                    f"{body[rest : rest + _SNIPPET_CHARS]!r}; one call per block",
+                    span, body_start, rest,
+                )  # fmt: skip
+            return _check_call(name, arguments, span, tools)
+        elif at == len(body):
+            return None, _xml_error(
+                f"the function {name!r} is not closed: write {_FUNCTION_CLOSE} after its parameters",
+                span, body_start, at,
+            )  # fmt: skip
+        else:
+            return None, _xml_error(
+                f"unexpected text {body[at : at + _SNIPPET_CHARS]!r} inside <function={name}>: only "
+                f"{_PARAMETER_OPEN}KEY>...{_PARAMETER_CLOSE} elements may stand there",
+                span, body_start, at,
+            )  # fmt: skip
+
+
+@lru_cache(maxsize=64)
+def call_form_for(checkpoint: str | None) -> str:
+    """The tool-call form the chat template of ``checkpoint`` (a models preset name or a checkpoint
+    directory) teaches: "xml" if it writes calls as ``<function=...>``, else "json". Without a
+    checkpoint, or without a template, it falls back to the model type (Qwen3.5 is "xml")."""
+    if not checkpoint:
+        return "json"
+    template = _chat_template_text(str(checkpoint))
+    if template is not None:
+        return "xml" if _FUNCTION_OPEN in template else "json"
+    config = Path(str(checkpoint)).expanduser() / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        return "json"
+    return "xml" if str(model_type).startswith("qwen3_5") else "json"
+
+
+def _chat_template_text(checkpoint: str) -> str | None:
+    path = Path(checkpoint).expanduser()
+    if not path.is_dir():
+        from models.loader import PRESETS  # only for preset names: it loads torch
+
+        if checkpoint not in PRESETS:
+            return None
+        from models.chat_templates import chat_template
+
+        return chat_template(PRESETS[checkpoint].template)
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        try:
+            template = json.loads((path / name).read_text()).get("chat_template")
+        except (OSError, ValueError):
+            continue
+        if isinstance(template, str):
+            return template
+        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            return "\n".join(str(t.get("template", "")) for t in template if isinstance(t, dict))
+    return None

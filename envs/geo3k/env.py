@@ -6,8 +6,9 @@ One episode, up to ``max_turns`` model turns. Each turn the model either
   graded against ``sample.label`` and the feedback names the answer and says whether it matched.
   A correct answer ends the episode (``end_on_correct``). A wrong one continues; the feedback on
   turn ``max_turns - 1`` says this is the last chance and asks for ``Answer: \\boxed{...}``;
-- writes a malformed call: the feedback says what was wrong and gives the exact expected syntax;
-  the turn is used up;
+- writes a malformed call: the feedback says what was wrong and gives the exact expected syntax
+  (in the call form the model's chat template teaches: JSON, or Qwen3.5's XML; see
+  ``Geo3kSettings.tool_call_format``); the turn is used up;
 - writes no tool call: the episode ends, and the response's last ``\\boxed{}`` answer, if any, is
   graded (``grade_final_answer``).
 
@@ -23,16 +24,18 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from envs.base import BaseInteractionEnv, EnvConfigError, did_you_mean
 from envs.grading import Grader, GradeResult, GradeStatus, extract_boxed, get_default_grader
 from envs.tool_calls import (
+    CALL_FORMS,
     ParseResult,
     ToolCallError,
     ToolCallErrorKind,
     ToolSpec,
+    call_form_for,
     format_call,
     parse_tool_call,
 )
@@ -76,7 +79,8 @@ TOOL_SCHEMA: dict[str, Any] = {
 TOOLS: list[dict[str, Any]] = [TOOL_SCHEMA]
 
 _TOOL_SPECS = (ToolSpec.from_schema(TOOL_SCHEMA, aliases=TOOL_ALIASES),)
-_EXPECTED_CALL = format_call(TOOL_NAME, {"answer": "<your answer>"})
+_EXPECTED_CALLS = {form: format_call(TOOL_NAME, {"answer": "<your answer>"}, form) for form in CALL_FORMS}
+_CALL_FORM_SETTINGS = ("auto", *CALL_FORMS)
 #: Longest answer quoted back in feedback; longer ones are cut with "...".
 _QUOTE_CHARS = 120
 _FEEDBACK_ROLES = ("tool", "user")
@@ -92,6 +96,9 @@ class Geo3kSettings:
     grading_timeout_s: float = 5.0
     #: Role of feedback messages: "tool" (rendered as a tool response) or "user".
     feedback_role: str = "tool"
+    #: The tool-call form read and shown in feedback: "json", "xml" (Qwen3.5), or "auto": the form
+    #: the chat template of ``args.hf_checkpoint`` teaches (JSON when there is none).
+    tool_call_format: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.max_turns, bool) or not isinstance(self.max_turns, int) or self.max_turns < 1:
@@ -113,6 +120,11 @@ class Geo3kSettings:
             raise EnvConfigError(
                 f"Geo3kEnv setting 'grading_timeout_s' must be a positive number of seconds, got {timeout!r}"
             )
+        if self.tool_call_format not in _CALL_FORM_SETTINGS:
+            raise EnvConfigError(
+                f"Geo3kEnv setting 'tool_call_format' must be one of {', '.join(_CALL_FORM_SETTINGS)}, "
+                f"got {self.tool_call_format!r}"
+            )
         if self.feedback_role not in _FEEDBACK_ROLES:
             raise EnvConfigError(
                 f"Geo3kEnv setting 'feedback_role' must be one of {', '.join(_FEEDBACK_ROLES)}, "
@@ -125,14 +137,19 @@ class Geo3kSettings:
 
     @classmethod
     def from_args(cls, args: Any = None, **overrides: Any) -> Geo3kSettings:
-        """Defaults, then ``args.max_turns`` (slime's config, when set), then ``overrides``."""
+        """Defaults, then ``args.max_turns`` (slime's config, when set), then ``overrides``; a
+        ``tool_call_format`` of "auto" becomes the form ``args.hf_checkpoint``'s template teaches."""
         values: dict[str, Any] = {}
         max_turns = getattr(args, "max_turns", None) if args is not None else None
         if max_turns is not None:
             values["max_turns"] = max_turns
         values.update(overrides)
         _reject_unknown(values, cls.names())
-        return cls(**values)
+        settings = cls(**values)
+        checkpoint = getattr(args, "hf_checkpoint", None) if args is not None else None
+        if settings.tool_call_format == "auto" and checkpoint:
+            settings = replace(settings, tool_call_format=call_form_for(str(checkpoint)))
+        return settings
 
 
 def _reject_unknown(values: dict[str, Any], valid: list[str]) -> None:
@@ -180,6 +197,8 @@ class Geo3kEnv(BaseInteractionEnv):
         self.label = label
         self.settings = settings or Geo3kSettings()
         self.role = self.settings.feedback_role
+        form = self.settings.tool_call_format
+        self.call_form = "json" if form == "auto" else form
         self._grader = grader if grader is not None else get_default_grader()
         # Workers start now, while the model generates its first turn.
         self._grader.start()
@@ -221,7 +240,7 @@ class Geo3kEnv(BaseInteractionEnv):
             "error_kind": None,
             "ignored_tool_calls": 0,
         }
-        parsed = parse_tool_call(response_text, _TOOL_SPECS)
+        parsed = parse_tool_call(response_text, _TOOL_SPECS, form=self.call_form)
         info["ignored_tool_calls"] = parsed.ignored_blocks
         if parsed.error is not None and parsed.error.kind is ToolCallErrorKind.NO_BLOCK:
             return self._finish(self._final_answer(response_text, info), "no_tool_call", info)
@@ -255,7 +274,8 @@ class Geo3kEnv(BaseInteractionEnv):
             self.outcome.invalid_tool_calls += 1
             info.update(error=answer.message, error_kind=answer.kind.value)
             return (
-                f"Your tool call was not run: {answer.message}. The expected format is:\n{_EXPECTED_CALL}\n",
+                f"Your tool call was not run: {answer.message}. The expected format is:\n"
+                f"{_EXPECTED_CALLS[self.call_form]}\n",
                 False,
             )
         self.outcome.valid_tool_calls += 1

@@ -182,7 +182,7 @@ def test_geo3k_rejects_unknown_build_kwargs(grader: Grader) -> None:
     report = check_env_module("envs.geo3k", env_kwargs={"grader": grader, "max_turn": 2})
     assert [str(e) for e in report.errors] == [
         "build_env: raised EnvConfigError: unknown Geo3kEnv setting 'max_turn'. Did you mean 'max_turns'? Valid "
-        "settings: max_turns, end_on_correct, grade_final_answer, grading_timeout_s, feedback_role, grader at "
+        "settings: max_turns, end_on_correct, grade_final_answer, grading_timeout_s, feedback_role, tool_call_format, grader at "
         f"{Path(__file__).resolve().parents[2] / 'envs' / 'geo3k' / 'env.py'}:{_line_of_reject_unknown()}"
     ]
 

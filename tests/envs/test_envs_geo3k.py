@@ -384,12 +384,12 @@ def test_feedback_never_contains_the_label(make_env) -> None:
         (
             {"max_turn": 3},
             "unknown Geo3kEnv setting 'max_turn'. Did you mean 'max_turns'? Valid settings: max_turns, "
-            "end_on_correct, grade_final_answer, grading_timeout_s, feedback_role, grader",
+            "end_on_correct, grade_final_answer, grading_timeout_s, feedback_role, tool_call_format, grader",
         ),
         (
             {"timeout": 3},
             "unknown Geo3kEnv setting 'timeout'. Valid settings: max_turns, end_on_correct, grade_final_answer, "
-            "grading_timeout_s, feedback_role, grader",
+            "grading_timeout_s, feedback_role, tool_call_format, grader",
         ),
         (
             {"max_turns": 0},
@@ -518,12 +518,30 @@ _TEXTS = st.one_of(
 )
 
 
+_XML_TEXTS = st.one_of(
+    _TEXTS,
+    st.text(max_size=40).map(lambda s: format_call("calc_score", {"answer": s}, "xml")),
+    st.lists(
+        st.one_of(
+            st.sampled_from(["<function=", "</function>", "<parameter=", "answer>", "</parameter>", "calc_score>"]),
+            _FRAGMENTS,
+            st.text(max_size=4),
+        ),
+        max_size=40,
+    ).map("".join),
+)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(texts=st.lists(_TEXTS, min_size=1, max_size=3))
-def test_step_never_raises_and_stays_bounded(grader: Grader, texts: list[str]) -> None:
+@given(texts=st.lists(_XML_TEXTS, min_size=1, max_size=3), form=st.sampled_from(["json", "xml"]))
+def test_step_never_raises_and_stays_bounded(grader: Grader, texts: list[str], form: str) -> None:
     label = "\\frac{17}{4}"
     env = build_env(
-        FakeSample(label), argparse.Namespace(max_turns=3), grader=grader, grading_timeout_s=TIMEOUT_S
+        FakeSample(label),
+        argparse.Namespace(max_turns=3),
+        grader=grader,
+        grading_timeout_s=TIMEOUT_S,
+        tool_call_format=form,
     )
     env.reset()
     for turn, text in enumerate(texts, start=1):
@@ -540,3 +558,51 @@ def test_step_never_raises_and_stays_bounded(grader: Grader, texts: list[str]) -
     assert outcome.score in (0.0, 1.0)
     assert outcome.attempts == len(outcome.grade_statuses) <= outcome.turns
     assert outcome.valid_tool_calls + outcome.invalid_tool_calls <= outcome.turns
+
+
+EXPECTED_XML_FORMAT = (
+    "<tool_call>\n<function=calc_score>\n<parameter=answer>\n<your answer>\n</parameter>\n</function>\n"
+    "</tool_call>"
+)
+
+
+def test_qwen35_checkpoint_reads_and_teaches_the_xml_form(grader: Grader) -> None:
+    args = argparse.Namespace(max_turns=3, hf_checkpoint="tiny-qwen3.5")
+    env = build_env(FakeSample(), args, grader=grader)
+    assert (env.settings.tool_call_format, env.call_form) == ("xml", "xml")
+    env.reset()
+    obs, done, info = env.step("Legs 3 and 4.\n</think>\n\n" + call("3"))
+    assert not done and info["error_kind"] == "invalid_xml"
+    assert obs["obs_str"] == (
+        "Your tool call was not run: the tool call must start with <function=NAME>, got a JSON object: a call is "
+        "<function=NAME> holding <parameter=KEY>VALUE</parameter> elements. The expected format is:\n"
+        f"{EXPECTED_XML_FORMAT}\nYou have 2 turns left."
+    )
+    obs, done, info = env.step(format_call("calc_score", {"answer": "\\sqrt{12}"}, "xml"))
+    assert done and info["score"] == 1.0 and info["answer"] == "\\sqrt{12}"
+    assert obs["obs_str"] == 'calc_score: your answer "\\sqrt{12}" is correct.'
+
+
+@pytest.mark.parametrize(
+    ("checkpoint", "setting", "form"),
+    [
+        ("tiny-qwen2.5-vl", "auto", "json"),
+        ("tiny-qwen3-vl", "auto", "json"),
+        ("tiny-qwen3.5-moe", "auto", "xml"),
+        (None, "auto", "json"),
+        ("tiny-qwen3.5", "json", "json"),
+        ("tiny-qwen2.5-vl", "xml", "xml"),
+    ],
+)
+def test_tool_call_format_setting(grader: Grader, checkpoint, setting: str, form: str) -> None:
+    args = argparse.Namespace(max_turns=3, hf_checkpoint=checkpoint)
+    env = build_env(FakeSample(), args, grader=grader, tool_call_format=setting)
+    assert env.call_form == form
+    env.reset()
+    _, done, info = env.step(format_call("calc_score", {"answer": "3"}, form))
+    assert info["tool_executed"] and info["grade_status"] == "incorrect" and not done
+
+
+def test_bad_tool_call_format_names_the_choices(grader: Grader) -> None:
+    with pytest.raises(EnvConfigError, match="'tool_call_format' must be one of auto, json, xml, got 'yaml'"):
+        build_env(FakeSample(), argparse.Namespace(max_turns=3), grader=grader, tool_call_format="yaml")

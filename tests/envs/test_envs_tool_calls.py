@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from envs.tool_calls import (
     MAX_BLOCK_CHARS,
     MAX_BLOCKS,
     ToolCallErrorKind,
     ToolSpec,
+    call_form_for,
     format_call,
     parse_tool_call,
 )
@@ -301,3 +305,203 @@ def test_hostile_input_is_parsed_in_linear_time(name: str) -> None:
     elapsed = time.perf_counter() - start
     # Linear scans take milliseconds here; quadratic ones take minutes (the bound leaves room for a busy machine).
     assert elapsed < 2.0, f"{name}: {elapsed:.3f} s"
+
+
+# -- Qwen3.5's XML form --------------------------------------------------------------------------
+
+XML_VALID = "<tool_call>\n<function=calc_score>\n<parameter=answer>\n7/2\n</parameter>\n</function>\n</tool_call>"
+
+
+def xml(body: str) -> str:
+    return f"<tool_call>{body}</tool_call>"
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "arguments", "called_as"),
+    [
+        (XML_VALID, "calc_score", {"answer": "7/2"}, "calc_score"),
+        ("<think>\nhmm\n</think>\n\nLet me check.\n\n" + XML_VALID, "calc_score", {"answer": "7/2"}, "calc_score"),
+        # Compact spacing, alias name, a value spanning lines and holding markup-like text.
+        (
+            xml("<function=calc_geo3k_reward><parameter=answer>2\\sqrt{3}</parameter></function>"),
+            "calc_score",
+            {"answer": "2\\sqrt{3}"},
+            "calc_geo3k_reward",
+        ),
+        (
+            xml("\n<function=calc_score>\n<parameter=answer>\nx = 5\nso 5 < 7 > 3\n</parameter>\n"
+                "<parameter=units>\ncm\n</parameter>\n</function>\n"),
+            "calc_score",
+            {"answer": "x = 5\nso 5 < 7 > 3", "units": "cm"},
+            "calc_score",
+        ),
+        # Values stay strings (the template writes them with `| string`); only one newline is cut.
+        (xml("<function=calc_score>\n<parameter=answer>\n\n3.5\n\n</parameter>\n</function>"),
+         "calc_score", {"answer": "\n3.5\n"}, "calc_score"),
+        (xml("<function= calc_score >\n<parameter=answer>\n٣\n</parameter>\n</function>"),
+         "calc_score", {"answer": "٣"}, "calc_score"),
+    ],
+)  # fmt: skip
+def test_valid_xml_calls(text: str, name: str, arguments: dict, called_as: str) -> None:
+    result = parse_tool_call(text, TOOLS, form="xml")
+    assert result.error is None
+    assert result.call is not None
+    assert (result.call.name, result.call.arguments, result.call.called_as) == (name, arguments, called_as)
+    assert text[result.call.span[0] : result.call.span[1]].startswith("<tool_call>")
+
+
+_XML_HINT = "a call is <function=NAME> holding <parameter=KEY>VALUE</parameter> elements"
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "message"),
+    [
+        ("The answer is 5.", K.NO_BLOCK,
+         "no tool call found: a call is a <function=NAME> element between <tool_call> and </tool_call>"),
+        ("<tool_call>\n<function=calc_score>\n<parameter=answer>\n3\n</parameter>\n</function>",
+         K.UNTERMINATED_BLOCK, "the <tool_call> block is not closed: write </tool_call> right after </function>"),
+        (xml("  \n "), K.INVALID_XML, f"the <tool_call> block is empty: {_XML_HINT}"),
+        (VALID, K.INVALID_XML, f"the tool call must start with <function=NAME>, got a JSON object: {_XML_HINT}"),
+        (xml("call calc_score(3)"), K.INVALID_XML,
+         f"the tool call must start with <function=NAME>, got 'call calc_score(3)': {_XML_HINT}"),
+        (xml("<function=>\n</function>"), K.NO_NAME,
+         f"the <function=...> tag needs a name, e.g. <function=calc_score> ({_XML_HINT})"),
+        (xml("<function=calc_score\n<parameter=answer>3</parameter></function>"), K.INVALID_XML,
+         f"the <function=...> tag is not closed with '>' on its line ({_XML_HINT})"),
+        (xml("<function=calc_score>\n<parameter=>3</parameter>\n</function>"), K.INVALID_XML,
+         f"the <parameter=...> tag needs a name, e.g. <parameter=answer> ({_XML_HINT})"),
+        (xml("<function=calc_score>\n<parameter=answer>\n3\n</function>"), K.INVALID_XML,
+         "the parameter 'answer' is not closed: write </parameter> after its value"),
+        (xml("<function=calc_score>\n<parameter=answer>\n3\n</parameter>\n"), K.INVALID_XML,
+         "the function 'calc_score' is not closed: write </function> after its parameters"),
+        (xml("<function=calc_score>\nanswer: 3\n</function>"), K.INVALID_XML,
+         "unexpected text 'answer: 3\\n</function>' inside <function=calc_score>: only "
+         "<parameter=KEY>...</parameter> elements may stand there"),
+        (xml("<function=calc_score><parameter=answer>3</parameter></function>\n<function=calc_score>"),
+         K.INVALID_XML, "text after </function> inside the <tool_call> block: '<function=calc_score>'; "
+         "one call per block"),
+        (xml("<function=calc_scroe>\n<parameter=answer>\n3\n</parameter>\n</function>"), K.UNKNOWN_TOOL,
+         "unknown tool 'calc_scroe'. Did you mean 'calc_score'? Available tools: calc_score, calc_geo3k_reward"),
+        (xml("<function=calc_score>\n<parameter=answer>\n3\n</parameter>\n<parameter=answer>\n4\n</parameter>\n"
+             "</function>"), K.INVALID_ARGUMENTS, "the parameter 'answer' is given twice; give each parameter once"),
+        (xml("<function=calc_score>\n</function>"), K.MISSING_ARGUMENT,
+         'the call to calc_score is missing the required argument "answer"'),
+        (xml("<function=calc_score>\n<parameter=answer>\n \n</parameter>\n</function>"), K.EMPTY_ARGUMENT,
+         'the argument "answer" of calc_score is empty'),
+    ],
+)  # fmt: skip
+def test_xml_errors_name_what_was_wrong(text: str, kind: ToolCallErrorKind, message: str) -> None:
+    result = parse_tool_call(text, TOOLS, form="xml")
+    assert result.call is None
+    assert result.error is not None
+    assert (result.error.kind, result.error.message) == (kind, message)
+
+
+def test_each_form_refuses_the_other() -> None:
+    assert parse_tool_call(XML_VALID, TOOLS).error.kind is K.INVALID_JSON
+    assert parse_tool_call(VALID, TOOLS, form="xml").error.kind is K.INVALID_XML
+    with pytest.raises(ValueError, match="unknown tool call form 'yaml'; choose one of json, xml"):
+        parse_tool_call(VALID, TOOLS, form="yaml")
+
+
+def test_xml_error_position_points_into_the_text() -> None:
+    prefix = "Let me check.\n"
+    text = prefix + xml("<function=calc_score>\n<parameter=answer>3</parameter>\noops</function>")
+    error = parse_tool_call(text, TOOLS, form="xml").error
+    assert error is not None and error.kind is K.INVALID_XML
+    assert text[error.position :].startswith("oops")
+    assert error.span == (len(prefix), len(text))
+
+
+def test_xml_first_block_counts_and_later_ones_are_reported() -> None:
+    second = format_call("calc_score", {"answer": "9"}, "xml")
+    result = parse_tool_call(XML_VALID + "\n" + second, TOOLS, form="xml")
+    assert result.call is not None and result.call.arguments == {"answer": "7/2"}
+    assert (result.blocks, result.ignored_blocks) == (2, 1)
+
+
+def test_format_call_xml_is_what_the_qwen35_template_renders() -> None:
+    assert format_call("calc_score", {"answer": "2\\sqrt{3}", "n": 3}, "xml") == (
+        "<tool_call>\n<function=calc_score>\n<parameter=answer>\n2\\sqrt{3}\n</parameter>\n"
+        "<parameter=n>\n3\n</parameter>\n</function>\n</tool_call>"
+    )
+
+
+def test_xml_oversized_block_is_rejected_without_decoding() -> None:
+    body = "<function=calc_score>\n<parameter=answer>\n" + "1" * MAX_BLOCK_CHARS + "\n</parameter>\n</function>"
+    error = parse_tool_call(xml(body), TOOLS, form="xml").error
+    assert error is not None and error.kind is K.BLOCK_TOO_LARGE
+    assert error.message.endswith("a call holds one short <function=NAME> element")
+
+
+_NAMES = st.text(st.characters(blacklist_characters="<>\n\r", blacklist_categories=("Cs",)), min_size=1,
+                 max_size=12).filter(lambda s: s.strip() == s and s)
+_VALUES = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40).filter(
+    lambda s: "</parameter>" not in s
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=_NAMES, arguments=st.dictionaries(_NAMES, _VALUES, max_size=4), prose=st.text(max_size=30))
+def test_xml_format_then_parse_round_trips(name: str, arguments: dict, prose: str) -> None:
+    text = prose.replace("<tool_call>", "") + format_call(name, arguments, "xml")
+    result = parse_tool_call(text, form="xml")
+    assert result.error is None, result.error
+    assert result.call is not None
+    assert (result.call.name, result.call.arguments) == (name, arguments)
+
+
+_XML_FRAGMENTS = st.sampled_from(
+    ["<tool_call>", "</tool_call>", "<function=", "</function>", "<parameter=", "</parameter>", ">", "<",
+     "calc_score", "answer", "\n", " ", "3", "=", "{", "}"]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.one_of(_XML_FRAGMENTS, st.text(max_size=3)), max_size=40))
+def test_xml_parser_never_raises_and_returns_one_outcome(pieces: list[str]) -> None:
+    text = "".join(pieces)
+    result = parse_tool_call(text, TOOLS, form="xml")
+    assert (result.call is None) != (result.error is None)
+    if result.call is not None:
+        assert result.call.name == "calc_score" and result.call.arguments["answer"].strip()
+        # A call that parsed re-formats into one that parses the same way.
+        again = parse_tool_call(format_call(result.call.called_as, result.call.arguments, "xml"), TOOLS, form="xml")
+        assert again.call is not None and again.call.arguments == result.call.arguments
+
+
+XML_HOSTILE = {
+    "40,000 parameters": xml(
+        "<function=calc_score>" + "".join(f"<parameter=a{i}>1</parameter>" for i in range(40_000)) + "</function>"
+    ),
+    "unclosed parameter tags": xml("<function=calc_score>" + "<parameter=" * 100_000),
+    "parameter names without '>'": xml("<function=calc_score>\n<parameter=" + "a" * 1_000_000),
+    "1 MB of function tags": xml("<function=" * 100_000),
+    "1 MB value without a close": xml("<function=calc_score><parameter=answer>" + "<" * 1_000_000),
+    "100,000 calls in a row": format_call("calc_score", {"answer": "3"}, "xml") * 100_000,
+}
+
+
+@pytest.mark.parametrize("name", list(XML_HOSTILE))
+def test_hostile_xml_is_parsed_in_linear_time(name: str) -> None:
+    text = XML_HOSTILE[name]
+    start = time.perf_counter()
+    parse_tool_call(text, TOOLS, form="xml")
+    elapsed = time.perf_counter() - start
+    assert elapsed < 2.0, f"{name}: {elapsed:.3f} s"
+
+
+def test_call_form_follows_the_chat_template(tmp_path) -> None:
+    assert call_form_for("tiny-qwen3.5") == call_form_for("tiny-qwen3.5-moe") == "xml"
+    assert call_form_for("tiny-qwen2.5-vl") == call_form_for("tiny-qwen3-vl") == "json"
+    assert call_form_for(None) == "json"
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe"}))
+    assert call_form_for(str(checkpoint)) == "xml"  # no template: the model type decides
+    (checkpoint / "chat_template.jinja").write_text("{{ '<tool_call>' }}{{ tool | tojson }}")
+    call_form_for.cache_clear()
+    assert call_form_for(str(checkpoint)) == "json"  # a template that teaches JSON wins
+    (checkpoint / "chat_template.jinja").write_text("{{ '<tool_call>\\n<function=' + name + '>' }}")
+    call_form_for.cache_clear()
+    assert call_form_for(str(checkpoint)) == "xml"
