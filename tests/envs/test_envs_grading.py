@@ -285,8 +285,8 @@ async def test_grade_async_does_not_block_the_event_loop(grader: Grader) -> None
         # Counts only while the grading task is unfinished. The grading task runs first: if it
         # blocked the loop, it would be done before the ticker's first turn (at most one or two
         # ticks, had it awaited something before blocking). If it does not block, the loop keeps
-        # turning for the whole of the grading, which lasts at least its 1 s timeout: a hundred
-        # turns of 10 ms, of which the assertion needs three, however loaded the machine.
+        # turning for the whole of the grading, which lasts at least its 1 s timeout: room for a
+        # hundred turns of 10 ms, of which the assertion needs three.
         nonlocal ticks
         while not grading.done():
             ticks += 1
@@ -336,7 +336,7 @@ def test_a_worker_that_dies_while_grading_is_reported_and_replaced() -> None:
         thread.start()
         # Killed once it has acknowledged the answer: a death before that would not be the
         # answer's fault, and the answer would go to a fresh worker instead.
-        _wait_for(lambda: grader.grading_pids() == [pid], "the worker grading the answer")
+        _wait_for(lambda: grader.grading_pids() == [pid] or not thread.is_alive(), "the worker grading the answer")
         os.kill(pid, signal.SIGKILL)
         thread.join(HANG_GUARD_S)
         (result,) = results
