@@ -368,7 +368,17 @@ def download_dataset(repo_id: str, local_dir: str | Path, *, downloader: Downloa
         downloader = snapshot_download
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
-    downloader(repo_id=repo_id, repo_type="dataset", local_dir=str(local_dir), allow_patterns=["*.parquet"])
+    try:
+        downloader(
+            repo_id=repo_id, repo_type="dataset", local_dir=str(local_dir), allow_patterns=["*.parquet"]
+        )
+    except Exception as error:  # offline, no such host, rate limit: the hub's own errors are many and long
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "no message"
+        raise PrepareError(
+            f"downloading {repo_id} into {local_dir} failed ({type(error).__name__}: {first_line}). Check the "
+            "network (HF_HUB_OFFLINE must be unset), or download the parquet files elsewhere and pass their "
+            "directory as --source DIR"
+        ) from error
     return local_dir
 
 

@@ -379,3 +379,17 @@ def test_cli_reports_a_corrupt_source_file_without_a_traceback(tmp_path, capsys)
         f"error: {(tmp_path / 'src' / 'train.parquet').resolve()} is not a readable parquet file ("
     )
     assert "Traceback" not in err
+
+
+def test_cli_reports_a_failed_download_in_one_line(tmp_path, capsys):
+    """huggingface_hub itself, offline (the suite sets HF_HUB_OFFLINE): its error becomes one line."""
+    out = tmp_path / "out"
+    assert load_script().main(["--source", "processed", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"error: downloading VeraIsHere/geo3k_imgurl_processed into {out / 'raw' / 'geo3k_imgurl_processed'} failed ("
+    )
+    assert err.rstrip().endswith(
+        "or download the parquet files elsewhere and pass their directory as --source DIR"
+    )
+    assert "Traceback" not in err
