@@ -37,7 +37,7 @@ def args_for(server, policy, **overrides):
     return argparse.Namespace(**values)
 
 
-@pytest.mark.parametrize("fixture", ["qwen25_policy", "qwen3_policy"])
+@pytest.mark.parametrize("fixture", ["qwen25_policy", "qwen3_policy", "qwen35_policy", "qwen35_moe_policy"])
 async def test_multi_turn_image_episodes_over_http_are_consistent(request, fixture):
     policy = request.getfixturevalue(fixture)
     engine = LocalEngine(policy, max_batch_size=8, batch_wait_ms=5.0, seed=7)
@@ -59,7 +59,8 @@ async def test_multi_turn_image_episodes_over_http_are_consistent(request, fixtu
         assert out.metadata["num_turns"] == 3 or out.status == Status.TRUNCATED
         assert len(out.loss_mask) == out.response_length == len(out.rollout_log_probs)
         grids = out.multimodal_train_inputs["image_grid_thw"].tolist()
-        # 112x112: Qwen2.5-VL keeps it (8x8 merged patches); Qwen3-VL upsizes to its 65,536-pixel minimum.
+        # 112x112: Qwen2.5-VL keeps it (8x8 merged patches); Qwen3-VL and Qwen3.5 upsize to their
+        # 65,536-pixel minimum.
         assert grids[0] == ([1, 8, 8] if fixture == "qwen25_policy" else [1, 16, 16])
         assert len(grids) == 1 + sum(t["observation_images"] for t in out.metadata["turns"])
         report = check_logprob_consistency(policy.model, out)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import rollout
+from envs.tool_calls import call_form_for, format_call
 from rollout.sample import Sample
 
 from .conftest import TEST_ENVS, ScriptedEngine, call, make_args, make_sample
@@ -55,27 +56,45 @@ async def test_correct_answer_on_second_turn_completes(qwen25_processing):
     assert model_spans(sample)[0] == first
 
 
-@pytest.mark.parametrize("checkpoint", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def call_in(checkpoint: str, answer: str) -> str:
+    """A calc_score call in the form the checkpoint's template teaches (Qwen3.5: XML)."""
+    return format_call("calc_score", {"answer": answer}, call_form_for(checkpoint))
+
+
+# Model turns per family whose template re-rendering is exact: Qwen3.5's generation prompt already
+# opens <think>, and its template writes every assistant turn after the query with a think block.
+SEQUENCE_TURNS = {
+    "tiny-qwen2.5-vl": ("<think>\nLegs 3 and 4.\n</think>\n\n{call4}", "{call5}"),
+    "tiny-qwen3-vl": ("<think>\nLegs 3 and 4.\n</think>\n\n{call4}", "{call5}"),
+    "tiny-qwen3.5": ("Legs 3 and 4.\n</think>\n\n{call4}", "Recheck.\n</think>\n\n{call5}"),
+    "tiny-qwen3.5-moe": ("Legs 3 and 4.\n</think>\n\n{call4}", "Recheck.\n</think>\n\n{call5}"),
+}
+
+
+@pytest.mark.parametrize("checkpoint", list(SEQUENCE_TURNS))
 async def test_sequence_equals_chat_template_rendering(checkpoint):
     """PITFALLS 2: the separator after <|im_end|> and the generation prompt are in the sequence."""
     from rollout.runtime import default_runtime
 
     processing = default_runtime().processing.get(checkpoint)
     tok = processing.tokenizer
-    turn1 = "<think>\nLegs 3 and 4.\n</think>\n\n" + call("4") + "<|im_end|>"
-    turn2 = call("5") + "<|im_end|>"
+    calls = {"call4": call_in(checkpoint, "4"), "call5": call_in(checkpoint, "5")}
+    turn1, turn2 = (t.format(**calls) + "<|im_end|>" for t in SEQUENCE_TURNS[checkpoint])
     engine = ScriptedEngine(tok, [turn1, turn2])
     sample = make_sample(tok, images=0)
     prompt = sample.prompt
+    opened = "<think>\n" if prompt.endswith("<think>\n") else ""
     out = await rollout.generate(make_args(engine, checkpoint=checkpoint), sample, {})
+    assert out.metadata["turns"][0]["tool_executed"]  # the call was read in the family's form
     feedback = out.metadata["turns"][0]["observation_text"]
     assert feedback.startswith("\n<|im_start|>user\n<tool_response>\n")
+    assert feedback.endswith("<|im_start|>assistant\n" + opened)
     tool_text = feedback[len("\n<|im_start|>user\n<tool_response>\n") : feedback.index("\n</tool_response>")]
     messages = [
         {"role": "user", "content": [{"type": "text", "text": "Find x."}]},
-        {"role": "assistant", "content": turn1[: -len("<|im_end|>")]},
+        {"role": "assistant", "content": opened + turn1[: -len("<|im_end|>")]},
         {"role": "tool", "content": tool_text},
-        {"role": "assistant", "content": turn2[: -len("<|im_end|>")]},
+        {"role": "assistant", "content": opened + turn2[: -len("<|im_end|>")]},
     ]
     rendered = tok.apply_chat_template(messages, tokenize=False)
     assert prompt + out.response == rendered[: len(prompt + out.response)]
@@ -83,22 +102,24 @@ async def test_sequence_equals_chat_template_rendering(checkpoint):
     assert out.tokens == tok.encode(rendered, add_special_tokens=False)[:-1]
 
 
-async def test_thinking_template_difference_is_confined_to_unnormalized_reasoning():
-    """PITFALLS 15: the Thinking template re-renders reasoning as '<think>\\n...\\n</think>\\n\\n';
-    the trained sequence keeps the model's own spacing. Normalized turns render identically."""
+@pytest.mark.parametrize("checkpoint", ["tiny-qwen3-vl-thinking", "tiny-qwen3.5"])
+async def test_thinking_template_difference_is_confined_to_unnormalized_reasoning(checkpoint):
+    """PITFALLS 15: thinking templates re-render reasoning as '<think>\\n...\\n</think>\\n\\n'; the
+    trained sequence keeps the model's own spacing. Normalized turns render identically. (Qwen3.5 keeps
+    the reasoning of every turn after the user's query: tool responses are not queries.)"""
     from rollout.runtime import default_runtime
 
-    processing = default_runtime().processing.get("tiny-qwen3-vl-thinking")
+    processing = default_runtime().processing.get(checkpoint)
     tok = processing.tokenizer
-    normalized = "Legs 3 and 4.\n</think>\n\n" + call("4") + "<|im_end|>"
-    normalized_final = "Recheck.\n</think>\n\n" + call("5") + "<|im_end|>"
-    unnormalized = "Legs 3 and 4.</think>" + call("5") + "<|im_end|>"
+    normalized = "Legs 3 and 4.\n</think>\n\n" + call_in(checkpoint, "4") + "<|im_end|>"
+    normalized_final = "Recheck.\n</think>\n\n" + call_in(checkpoint, "5") + "<|im_end|>"
+    unnormalized = "Legs 3 and 4.</think>" + call_in(checkpoint, "5") + "<|im_end|>"
     for turn2, same in ((normalized_final, True), (unnormalized, False)):
         engine = ScriptedEngine(tok, [normalized, turn2])
         sample = make_sample(tok, images=0)
         prompt = sample.prompt
         assert prompt.endswith("<|im_start|>assistant\n<think>\n")
-        out = await rollout.generate(make_args(engine, checkpoint="tiny-qwen3-vl-thinking"), sample, {})
+        out = await rollout.generate(make_args(engine, checkpoint=checkpoint), sample, {})
         feedback = out.metadata["turns"][0]["observation_text"]
         assert feedback.endswith("<|im_start|>assistant\n<think>\n")  # generation prompt inserted, masked
         tool_text = feedback[len("\n<|im_start|>user\n<tool_response>\n") : feedback.index("\n</tool_response>")]
@@ -112,23 +133,29 @@ async def test_thinking_template_difference_is_confined_to_unnormalized_reasonin
         assert (rendered == prompt + out.response + "\n") is same
         if not same:
             assert "Legs 3 and 4.</think>" in out.response
-            assert "Legs 3 and 4.\n</think>\n\n" + call("5") in rendered
+            assert "Legs 3 and 4.\n</think>\n\n" + call_in(checkpoint, "5") in rendered
 
 
-async def test_stop_string_end_of_turn_is_inserted_once(qwen25_processing):
+@pytest.mark.parametrize("checkpoint", ["tiny-qwen2.5-vl", "tiny-qwen3.5"])
+async def test_stop_string_end_of_turn_is_inserted_once(checkpoint):
     """PITFALLS 3: stopped on '</tool_call>' -> <|im_end|> inserted (mask 0); stopped on <|im_end|>
     -> nothing inserted."""
-    tok = qwen25_processing.tokenizer
+    from rollout.runtime import default_runtime
+
+    tok = default_runtime().processing.get(checkpoint).tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    engine = ScriptedEngine(tok, [(call("4"), "stop", "</tool_call>"), (call("6") + "<|im_end|>", "stop", eos), call("5")])
-    out = await rollout.generate(make_args(engine), make_sample(tok), {"stop": ["</tool_call>"]})
+    call4, call6, call5 = (call_in(checkpoint, a) for a in "465")
+    engine = ScriptedEngine(tok, [(call4, "stop", "</tool_call>"), (call6 + "<|im_end|>", "stop", eos), call5])
+    args = make_args(engine, checkpoint=checkpoint)
+    out = await rollout.generate(args, make_sample(tok), {"stop": ["</tool_call>"]})
     assert_invariants(out)
+    assert [t["tool_executed"] for t in out.metadata["turns"]] == [True, True, True]
     response = out.tokens[out.prompt_length :]
     positions = [i for i, t in enumerate(response) if t == eos]
     masks = [out.loss_mask[i] for i in positions]
     # turn 1: inserted (0), observation 1 end (0); turn 2: the model's own (1), observation 2 end (0)
     assert masks == [0, 0, 1, 0]
-    first_turn = len(tok.encode(call("4"), add_special_tokens=False))
+    first_turn = len(tok.encode(call4, add_special_tokens=False))
     assert positions[0] == first_turn
     assert all(response[p + 1] != eos for p in positions if p + 1 < len(response))
     assert out.response.count("<|im_end|><|im_end|>") == 0

@@ -22,6 +22,16 @@ def test_pieces_are_the_template_continuation(encoder):
     assert encoder.pieces("tool") is pieces  # cached
 
 
+def test_qwen35_pieces_continue_its_thinking_template(qwen35_processing):
+    qwen35 = ObservationEncoder(qwen35_processing)
+    pieces = qwen35.pieces("tool")
+    assert pieces.before == "\n<|im_start|>user\n<tool_response>\n"
+    assert pieces.after == "\n</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n"
+    assert pieces.image == "<|vision_start|><|image_pad|><|vision_end|>"
+    encoded = qwen35.encode_message({"role": "tool", "content": "Try again."})
+    assert encoded.token_ids == qwen35_processing.tokenizer.encode(encoded.text, add_special_tokens=False)
+
+
 def test_ids_equal_whole_string_tokenization(encoder, qwen25_processing):
     tok = qwen25_processing.tokenizer
     for text in ["Try again.", "\n\nleading newlines", "  spaces  ", "x = 2\\sqrt{3}", ""]:
