@@ -305,6 +305,11 @@ def _write_bad_rows(run_dir: Path, problems) -> Path:
     return path
 
 
+#: Failures of the policy's own making: a random policy can fail a whole small step this way and
+#: learn not to, while a broken env or setup fails every later step too.
+_POLICY_CAUSES = ("the model generated",)
+
+
 def _report_failures(samples, step: int, *, first: bool, write) -> None:
     """Failed episodes on the console, with their most common causes (episodes.jsonl has them all).
     A first step whose episodes all failed for one cause stops the run: an env that cannot be built
@@ -313,8 +318,8 @@ def _report_failures(samples, step: int, *, first: bool, write) -> None:
     if not causes:
         return
     write(f"step {step}: {format_failures(causes, len(samples))}")
-    if first and len(causes) == 1 and sum(causes.values()) == len(samples):
-        (cause,) = causes
+    (cause, count), *others = causes.most_common()
+    if first and not others and count == len(samples) and not cause.startswith(_POLICY_CAUSES):
         raise RolloutFailedError(
             f"every episode of the first step failed with the same cause, so the run stops: {cause}"
         )

@@ -177,6 +177,9 @@ def test_a_first_step_that_failed_entirely_for_one_cause_stops_the_run():
     _report_failures(samples, 5, first=False, write=lambda _: None)  # later steps only report
     mixed = [*samples[:3], _finished("FAILED", "engine: connection refused")]
     _report_failures(mixed, 0, first=True, write=lambda _: None)  # two causes: reported, not fatal
+    # The policy's own failures are not fatal: a random tiny model can fail a whole small step so.
+    placeholders = [_finished("FAILED", "the model generated vision placeholder tokens") for _ in range(4)]
+    _report_failures(placeholders, 0, first=True, write=lambda _: None)
 
 
 @pytest.mark.parametrize(
