@@ -1,11 +1,19 @@
-"""The slime backend: which model runs how, the argument list for slime's ``train.py``, preflight checks.
+"""The slime backend: which model runs on which slime release, the argument list for slime's
+``train.py``, preflight checks.
 
-:data:`SLIME_MODELS` maps model names to slime's Megatron model type (the ``scripts/models/<type>.sh``
-that slime sources for the architecture flags) and to the parallel layout of the geo3k recipe.
-slime's Megatron VLM support changed over time: releases with megatron-bridge
-(``--megatron-to-hf-mode bridge``) ran Qwen3-VL 2B/4B/8B as the ``qwen3-*`` language types; since the
-bridge was internalized the only VLM type is ``qwen3.5-35B-A3B-vl`` (Qwen3.5 MoE language model plus
-the HF vision tower). :func:`preflight` tells which one the installed slime is.
+slime's Megatron VLM support changed over time, so a recipe belongs to a release (:data:`SLIME_RELEASES`):
+
+- ``current``: slime from f655e13 (2026-08-04, "Internalize mbridge") on; checked against 624b824.
+  Megatron loads the HF checkpoint directly and the only VLM type is ``qwen3.5-35B-A3B-vl`` (Qwen3.5
+  MoE language model plus the HF vision tower); slime's own geo3k multi-turn example trains
+  Qwen3.5-35B-A3B with TP 2, expert parallel and SGLang EP over all GPUs, colocated. This release's
+  parser has no ``--megatron-to-hf-mode`` and drops unknown flags without a word.
+- ``legacy``: slime before f655e13 (checked against 2a60f00), with megatron-bridge
+  (``--megatron-to-hf-mode bridge``): Qwen3-VL 2B/4B/8B as the ``qwen3-*`` language types.
+
+:data:`SLIME_MODELS` maps model names to their release, slime's Megatron model type (the
+``scripts/models/<type>.sh`` that slime sources for the architecture flags) and the parallel layout.
+:func:`preflight` tells which release the installed slime is.
 
 :func:`build_slime_args` returns the argument list as a list of strings (tests assert on it);
 :func:`launch` joins it for slime's ``execute_train``, which starts Ray, sources the model script
@@ -55,27 +63,67 @@ _CUDA_GRAPH_BATCH_SIZES = [1, 2, 4, 8, *range(16, 257, 8)]
 
 
 @dataclass(frozen=True)
+class SlimeRelease:
+    name: str
+    description: str
+    default_model: str
+    bridge: bool  # the parser has --megatron-to-hf-mode (megatron-bridge converts weights for SGLang)
+
+
+SLIME_RELEASES: dict[str, SlimeRelease] = {
+    release.name: release
+    for release in (
+        SlimeRelease(
+            name="current",
+            description="slime f655e13 (2026-08-04) and later, checked against 624b824: no megatron-bridge, "
+            "the Megatron VLM is qwen3.5-35B-A3B-vl",
+            default_model="Qwen3.5-35B-A3B",
+            bridge=False,
+        ),
+        SlimeRelease(
+            name="legacy",
+            description="slime before f655e13 (2026-08-04), checked against 2a60f00: megatron-bridge, "
+            "Qwen3-VL as the qwen3-* language types",
+            default_model="Qwen3-VL-2B-Instruct",
+            bridge=True,
+        ),
+    )
+}
+DEFAULT_SLIME_RELEASE = "current"
+
+
+def slime_release(name: str) -> SlimeRelease:
+    if name not in SLIME_RELEASES:
+        raise KeyError(f"no slime release {name!r}; known: {', '.join(SLIME_RELEASES)}")
+    return SLIME_RELEASES[name]
+
+
+@dataclass(frozen=True)
 class SlimeModel:
     hf_repo: str
     megatron_model_type: str
+    release: str  # the SLIME_RELEASES entry whose slime has this model type
     num_gpus: int  # the recipe's GPU count
     tensor_parallel: int
-    moe: bool = False  # experts spread over all GPUs (expert and SGLang EP size = GPU count)
-    needs_bridge: bool = False  # runs only on slime releases with --megatron-to-hf-mode bridge
+    num_experts: int | None = None  # MoE: experts spread over all GPUs (expert and SGLang EP size)
     rotary_base: int | None = None  # exported as MODEL_ARGS_ROTARY_BASE for the model script
 
     @property
     def name(self) -> str:
         return self.hf_repo.split("/")[-1]
 
+    @property
+    def moe(self) -> bool:
+        return self.num_experts is not None
+
 
 def _qwen3_vl(size: str, variant: str, megatron_size: str) -> SlimeModel:
     return SlimeModel(
         hf_repo=f"Qwen/Qwen3-VL-{size}-{variant}",
         megatron_model_type=f"qwen3-{megatron_size}",
+        release="legacy",
         num_gpus=4,
         tensor_parallel=4,
-        needs_bridge=True,
         rotary_base=5_000_000,
     )
 
@@ -83,20 +131,35 @@ def _qwen3_vl(size: str, variant: str, megatron_size: str) -> SlimeModel:
 SLIME_MODELS: dict[str, SlimeModel] = {
     model.name: model
     for model in [
+        # slime's own examples/geo3k_vlm_multi_turn at 624b824
+        SlimeModel(
+            hf_repo="Qwen/Qwen3.5-35B-A3B",
+            megatron_model_type="qwen3.5-35B-A3B-vl",
+            release="current",
+            num_gpus=8,
+            tensor_parallel=2,
+            num_experts=256,
+        ),
         *(
             _qwen3_vl(size, variant, megatron)
             for size, megatron in (("2B", "1.7B"), ("4B", "4B"), ("8B", "8B"))
             for variant in ("Instruct", "Thinking")
         ),
-        SlimeModel(
-            hf_repo="Qwen/Qwen3.5-35B-A3B",
-            megatron_model_type="qwen3.5-35B-A3B-vl",
-            num_gpus=8,
-            tensor_parallel=2,
-            moe=True,
-        ),
     ]
 }
+
+
+def check_release(model: SlimeModel, release: str) -> SlimeRelease:
+    """The release, when its slime has ``model``'s Megatron model type; ValueError saying what to do otherwise."""
+    chosen = slime_release(release)
+    if model.release != chosen.name:
+        others = [name for name, m in SLIME_MODELS.items() if m.release == chosen.name]
+        raise ValueError(
+            f"{model.name} runs on {model.release} slime ({SLIME_RELEASES[model.release].description}), "
+            f"not on {chosen.name} slime ({chosen.description}). Pass --slime-version {model.release}, "
+            f"or a model of {chosen.name} slime: {', '.join(others)}"
+        )
+    return chosen
 
 
 def slime_model(name: str) -> SlimeModel:
@@ -123,8 +186,10 @@ class SlimeLaunch:
     prompt_data: Path  # train.parquet
     plugin_config: Path  # the plugin YAML (--custom-config-path)
     num_gpus: int
+    release: str = DEFAULT_SLIME_RELEASE  # the SLIME_RELEASES entry the installed slime is
     save_dir: Path | None = None
-    save_interval: int | None = None
+    save_interval: int | None = None  # rollouts between checkpoints; None: only the last rollout's
+    rollout_routing_replay: bool = False  # MoE: train with the experts SGLang routed each token to
     megatron_path: str = DEFAULT_MEGATRON_PATH
     repo_root: Path = REPO_ROOT
     wandb_project: str | None = None
@@ -136,10 +201,19 @@ def build_slime_args(cfg: TrainConfig, launch: SlimeLaunch) -> list[str]:
     """slime's ``train.py`` arguments for the geo3k multi-turn recipe, hyper-parameters from ``cfg``."""
     model = launch.model
     gpus = launch.num_gpus
-    if gpus % model.tensor_parallel and not model.moe:
+    release = check_release(model, launch.release)
+    if gpus % model.tensor_parallel:
         raise ValueError(
-            f"{model.name} uses tensor parallel size {model.tensor_parallel}, which does not divide {gpus} GPUs"
+            f"{model.name} uses tensor parallel size {model.tensor_parallel}, which does not divide {gpus} GPUs; "
+            f"pass --num-gpus as a multiple of {model.tensor_parallel}"
         )
+    if model.num_experts is not None and model.num_experts % gpus:
+        raise ValueError(
+            f"{model.name}'s {model.num_experts} experts are spread over all GPUs (expert parallel size = "
+            f"GPU count), and {gpus} does not divide {model.num_experts}; pass --num-gpus 2, 4 or 8"
+        )
+    if launch.rollout_routing_replay and not model.moe:
+        raise ValueError(f"rollout routing replay needs a MoE model; {model.name} is dense")
     args: list[str] = [
         "--hf-checkpoint", str(launch.model_dir),
         "--load", str(launch.model_dir),
@@ -224,8 +298,10 @@ def build_slime_args(cfg: TrainConfig, launch: SlimeLaunch) -> list[str]:
         args += ["--micro-batch-size", str(cfg.micro_batch_size)]
     else:
         args += ["--use-dynamic-batch-size", "--max-tokens-per-gpu", "4096"]
-    if model.needs_bridge:
+    if release.bridge:
         args += ["--megatron-to-hf-mode", "bridge"]
+    if launch.rollout_routing_replay:
+        args.append("--use-rollout-routing-replay")
 
     # placement: actor and rollout share the GPUs
     args += [
@@ -235,9 +311,14 @@ def build_slime_args(cfg: TrainConfig, launch: SlimeLaunch) -> list[str]:
         "--colocate",
     ]  # fmt: skip
     if launch.save_dir is not None:
-        args += ["--save", str(launch.save_dir)]
-        if launch.save_interval:
-            args += ["--save-interval", str(launch.save_interval)]
+        # Megatron's validate_args requires --save-interval with --save. slime always saves the last
+        # rollout once an interval is set, so "only the last" is an interval of num_rollout.
+        args += [
+            "--save",
+            str(launch.save_dir),
+            "--save-interval",
+            str(launch.save_interval or cfg.num_rollout),
+        ]
     if launch.wandb_project:
         # The key travels in the job's environment (WANDB_API_KEY), never on the command line.
         args += ["--use-wandb", "--wandb-project", launch.wandb_project, "--wandb-group", launch.wandb_group]
@@ -266,6 +347,7 @@ def redacted(env: dict[str, str]) -> dict[str, str]:
 def describe_command(args: list[str], launch: SlimeLaunch) -> str:
     """The exact command and environment, for ``--dry-run`` (secrets redacted)."""
     lines = [
+        f"# slime release: {launch.release} ({slime_release(launch.release).description})",
         f"# megatron model type: {launch.model.megatron_model_type} (scripts/models/"
         f"{launch.model.megatron_model_type}.sh is sourced by slime for MODEL_ARGS)",
         f"# slime's execute_train(num_gpus_per_node={launch.num_gpus}, "
@@ -315,57 +397,88 @@ def _cudnn_finding(torch_version: str, cudnn_version: int | None) -> Finding:
     return Finding("ok", text)
 
 
-def check_dataset(path: Path) -> list[Finding]:
-    """Columns and the first row, as slime will read them (relative image paths resolve against slime's cwd)."""
+def dataset_problems(path: Path) -> list[Any]:
+    """Every problem of every row, as slime and this plugin will read them (``envs.geo3k.dataset.RowProblem``).
+
+    The dataset's own validation (cell types, placeholder/image counts, empty problems, labels, images
+    missing, oversized, corrupt or given as URLs, which the rollout refuses), plus what only slime
+    minds: slime resolves a relative image path against its own working directory (the slime
+    checkout), not the parquet file's. Raises ``DatasetError`` or ``FileNotFoundError`` for a file
+    with no rows to report on (unreadable, columns missing)."""
     import pyarrow.parquet as pq
 
-    from envs.geo3k.dataset import COLUMNS, IMAGE_PLACEHOLDER, answer_problem
+    from envs.geo3k.dataset import RowProblem, validate_parquet
+
+    problems = validate_parquet(path)
+    images = pq.read_table(path, columns=["images"]).column("images").to_pylist()
+    for index, refs in enumerate(images):
+        for k, ref in enumerate(refs if isinstance(refs, list) else []):
+            if isinstance(ref, str) and not (
+                ref.startswith(("http://", "https://", "data:", "file://")) or Path(ref).is_absolute()
+            ):
+                problems.append(
+                    RowProblem(
+                        index,
+                        "images",
+                        f"image {k} path {ref!r} is relative; slime resolves it against its own working "
+                        "directory. Rewrite the data with absolute paths (make_sample_data.py --absolute-paths) "
+                        "or data URIs (--image-mode data_uri)",
+                    )
+                )
+    return sorted(problems, key=lambda p: p.index)
+
+
+def check_dataset(path: Path) -> list[Finding]:
+    """One finding for the whole prompt data file: every bad row (row, column, reason) or that all are valid."""
+    from envs.geo3k.dataset import DatasetError, format_row_problems
 
     if not path.is_file():
         return [Finding("error", f"prompt data {path} does not exist")]
-    table = pq.read_table(path)
-    missing = [c for c in COLUMNS if c not in table.column_names]
-    if missing:
+    try:
+        problems = dataset_problems(path)
+    except (DatasetError, FileNotFoundError) as error:
+        return [Finding("error", str(error))]
+    if problems:
+        rows = len({p.index for p in problems})
         return [
             Finding(
-                "error", f"{path} lacks column(s) {', '.join(missing)}; has {', '.join(table.column_names)}"
+                "error",
+                f"{path}: {len(problems)} problem(s) in {rows} row(s):\n{format_row_problems(problems)}\n"
+                "Fix these rows, or leave them out with examples/geo3k_vlm_multi_turn/prepare_data.py --drop-bad-rows",
             )
         ]
-    if table.num_rows == 0:
+    import pyarrow.parquet as pq
+
+    num_rows = pq.read_metadata(path).num_rows
+    if num_rows == 0:
         return [Finding("error", f"{path} has no rows")]
-    row = {c: table.column(c)[0].as_py() for c in COLUMNS}
-    findings = []
-    images = row["images"] or []
-    if row["problem"].count(IMAGE_PLACEHOLDER) != len(images):
-        findings.append(
-            Finding(
-                "error",
-                f"{path} row 0: {row['problem'].count(IMAGE_PLACEHOLDER)} {IMAGE_PLACEHOLDER} placeholder(s) "
-                f"but {len(images)} image(s)",
-            )
-        )
-    reason = answer_problem(row["answer"] or "")
-    if reason:
-        findings.append(Finding("error", f"{path} row 0 answer: {reason}"))
-    for ref in images:
-        if not isinstance(ref, str):
-            findings.append(
-                Finding("error", f"{path} row 0: image is {type(ref).__name__}; slime drops raw bytes")
-            )
-        elif not (ref.startswith(("http://", "https://", "data:")) or Path(ref).is_absolute()):
-            findings.append(
-                Finding(
-                    "error",
-                    f"{path} row 0: image path {ref!r} is relative; slime resolves it against its own working "
-                    "directory. Rewrite the data with absolute paths (make_sample_data.py --absolute-paths) "
-                    "or data URIs (--image-mode data_uri)",
-                )
-            )
-    if not findings:
-        findings.append(
-            Finding("ok", f"{path}: {table.num_rows} rows, columns {', '.join(COLUMNS)}, row 0 valid")
-        )
-    return findings
+    return [Finding("ok", f"{path}: {num_rows} rows, all valid")]
+
+
+def installed_release(checkout: Path) -> str:
+    """Which SLIME_RELEASES entry a slime checkout is: the legacy parser has --megatron-to-hf-mode."""
+    argument_files = [
+        checkout / "slime" / "utils" / "arguments.py",
+        checkout / "slime" / "backends" / "megatron_utils" / "arguments.py",
+    ]
+    has_bridge = any(
+        f.is_file() and "--megatron-to-hf-mode" in f.read_text(errors="replace") for f in argument_files
+    )
+    return "legacy" if has_bridge else "current"
+
+
+def _release_finding(checkout: Path, release: str) -> Finding:
+    # slime drops flags its parser does not know, so a recipe for the other release would start and
+    # then fail (or silently run differently) instead of being refused here.
+    installed = installed_release(checkout)
+    if installed == release:
+        return Finding("ok", f"{checkout} is {installed} slime ({SLIME_RELEASES[installed].description})")
+    return Finding(
+        "error",
+        f"{checkout} is {installed} slime ({SLIME_RELEASES[installed].description}), but the recipe is for "
+        f"{release} slime. Pass --slime-version {installed} with one of its models "
+        f"({', '.join(n for n, m in SLIME_MODELS.items() if m.release == installed)}), or install {release} slime",
+    )
 
 
 def preflight(launch: SlimeLaunch) -> list[Finding]:
@@ -390,22 +503,7 @@ def preflight(launch: SlimeLaunch) -> list[Finding]:
                     f"{launch.model.megatron_model_type!r} for {launch.model.name}",
                 )
             )
-        argument_files = [
-            checkout / "slime" / "utils" / "arguments.py",
-            checkout / "slime" / "backends" / "megatron_utils" / "arguments.py",
-        ]
-        has_bridge = any(
-            f.is_file() and "--megatron-to-hf-mode" in f.read_text(errors="replace") for f in argument_files
-        )
-        if launch.model.needs_bridge and not has_bridge:
-            findings.append(
-                Finding(
-                    "error",
-                    f"{launch.model.name} needs a slime release with megatron-bridge (--megatron-to-hf-mode bridge); "
-                    "the installed slime has none (Qwen2.5-VL/Qwen3-VL Megatron support was removed in Aug 2026). "
-                    "Use an older slime or --model Qwen3.5-35B-A3B",
-                )
-            )
+        findings.append(_release_finding(checkout, launch.release))
     try:
         import torch
 

@@ -3,15 +3,18 @@
     python examples/geo3k_vlm_multi_turn/run_geo3k_vlm_multi_turn.py --backend local --demo
     python examples/geo3k_vlm_multi_turn/run_geo3k_vlm_multi_turn.py --backend local \\
         --model Qwen/Qwen2.5-VL-3B-Instruct --data-dir DIR
+    python examples/geo3k_vlm_multi_turn/run_geo3k_vlm_multi_turn.py --backend slime [--dry-run]
     python examples/geo3k_vlm_multi_turn/run_geo3k_vlm_multi_turn.py --backend slime \\
-        --model Qwen3-VL-2B-Instruct --num-gpus 4 [--dry-run]
+        --slime-version legacy --model Qwen3-VL-2B-Instruct --num-gpus 4 [--dry-run]
 
 Two backends run the same episodes (``rollout.generate``) and rewards (``rollout.reward``):
 
 - ``local``: the single-machine GRPO trainer (``trainer.loop``) with an in-process engine; CPU or
   one GPU. ``--demo`` trains the tiny offline model on generated sample data in a few minutes.
 - ``slime``: Ray + SGLang + Megatron through slime's ``execute_train``, after preflight checks.
-  ``--dry-run`` prints the exact command and environment and exits.
+  ``--dry-run`` prints the exact command and environment and exits. Today's slime
+  (``--slime-version current``, the default) trains Qwen3.5-35B-A3B on 8 GPUs; slime releases with
+  megatron-bridge (``--slime-version legacy``) train Qwen3-VL 2B/4B/8B on 4.
 
 Data and models are used where they are; otherwise they are downloaded with huggingface_hub (the
 dataset ``VeraIsHere/geo3k_imgurl_processed``, models from their Hugging Face repo). The tiny presets
@@ -42,8 +45,10 @@ from trainer.loop import RolloutFailedError  # noqa: E402
 from trainer.slime_launch import (  # noqa: E402
     DATASET_REPO,
     SLIME_RECIPE,
+    SLIME_RELEASES,
     SlimeLaunch,
     build_slime_args,
+    check_release,
     describe_command,
     preflight,
     slime_location,
@@ -68,7 +73,6 @@ DEMO_SETTINGS: dict[str, Any] = {
     "device": "cpu",
     "report_episodes": 8,
 }
-DEFAULT_SLIME_MODEL = "Qwen3-VL-2B-Instruct"
 DEFAULT_LOCAL_MODEL = "Qwen/Qwen3-VL-2B-Instruct"
 
 
@@ -105,6 +109,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--resume", nargs="?", const="latest", help="resume from a checkpoint or run directory"
     )
     parser.add_argument("--num-gpus", type=int, help="slime: GPUs on this node (default: the model's recipe)")
+    parser.add_argument(
+        "--slime-version",
+        choices=tuple(SLIME_RELEASES),
+        default="current",
+        help="slime: the installed release; "
+        + "; ".join(
+            f"{r.name}: {r.description} (default model {r.default_model})" for r in SLIME_RELEASES.values()
+        ),
+    )
+    parser.add_argument(
+        "--rollout-routing-replay",
+        action="store_true",
+        help="slime, MoE models: train with the experts the rollout engine routed each token to",
+    )
     parser.add_argument("--megatron-path", default="/root/Megatron-LM/", help="slime: Megatron-LM checkout")
     parser.add_argument("--wandb-project", help="log to Weights & Biases (slime: needs WANDB_API_KEY)")
     parser.add_argument("--tensorboard", action="store_true", help="local: log to TensorBoard")
@@ -365,7 +383,12 @@ def slime_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_slime(args: argparse.Namespace) -> int:
-    model = slime_model(args.model or DEFAULT_SLIME_MODEL)
+    model = slime_model(args.model or SLIME_RELEASES[args.slime_version].default_model)
+    try:
+        check_release(model, args.slime_version)  # before any download: the other release's model won't run
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     data_dir = args.data_dir or Path.home() / "datasets" / "geo3k_imgurl_processed"
     model_dir = Path(args.model) if args.model and Path(args.model).is_dir() else args.model_root / model.name
     if not args.dry_run:
@@ -380,12 +403,18 @@ def run_slime(args: argparse.Namespace) -> int:
         prompt_data=data.resolve(),
         plugin_config=args.config.resolve(),
         num_gpus=args.num_gpus or model.num_gpus,
+        release=args.slime_version,
+        rollout_routing_replay=args.rollout_routing_replay,
         save_dir=args.output_dir.resolve() if args.output_dir else None,
         save_interval=cfg.save_interval,
         megatron_path=args.megatron_path,
         wandb_project=args.wandb_project,
     )
-    train_args = build_slime_args(cfg, launch)
+    try:
+        train_args = build_slime_args(cfg, launch)
+    except ValueError as error:  # a GPU count the model's layout cannot use
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     findings = preflight(launch)
     print("preflight:")
     for finding in findings:
