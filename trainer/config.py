@@ -34,6 +34,9 @@ class ConfigError(ValueError):
 CONFIG_ERRORS: tuple[type[Exception], ...] = (ConfigError, PluginConfigError)
 
 
+_PLAIN_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
 @dataclass
 class TrainConfig:
     # --- model and data ---
@@ -109,6 +112,7 @@ class TrainConfig:
         return self.samples_per_rollout // self.step_batch_size
 
     def validate(self) -> None:
+        self._check_types()
         positive = (
             "num_rollout",
             "rollout_batch_size",
@@ -162,6 +166,22 @@ class TrainConfig:
         for name in ("max_turns", "max_tokens_per_turn"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+
+    def _check_types(self) -> None:
+        """Plain-typed settings hold their type: ``--set lr=1e-5x`` is a string, which the range checks
+        below would meet with a TypeError traceback, and ``num_rollout: true`` would pass as 1."""
+        for item in dataclasses.fields(self):
+            kinds = [kind.strip() for kind in str(item.type).split("|")]
+            plain = [kind for kind in kinds if kind != "None"]
+            if len(plain) != 1 or plain[0] not in _PLAIN_TYPES:
+                continue
+            value = getattr(self, item.name)
+            if value is None and "None" in kinds:
+                continue
+            allowed = _PLAIN_TYPES[plain[0]]
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                expected = plain[0] + (" or null" if "None" in kinds else "")
+                raise ConfigError(f"{item.name} must be {expected}, got {type(value).__name__} {value!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:

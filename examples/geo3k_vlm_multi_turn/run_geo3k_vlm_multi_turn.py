@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -177,8 +178,17 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        values[key.strip().replace("-", "_")] = yaml.safe_load(raw)
+        values[key.strip().replace("-", "_")] = _setting_value(raw)
     return values
+
+
+def _setting_value(raw: str) -> Any:
+    """A --set value parsed as YAML, except that ``1e-5`` is a number (YAML 1.1 reads exponents
+    without a dot as strings, so ``--set lr=1e-5`` would be the string '1e-5')."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        return float(value)
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -175,3 +175,39 @@ def test_an_env_failing_every_episode_stops_the_launcher_with_its_cause(launcher
         "error: every episode of the first step failed with the same cause, so the run stops: the env could "
         "not be built or reset: TypeError: build_env() got an unexpected keyword argument 'nope'"
     )
+
+
+def test_set_values_of_the_wrong_type_fail_and_exponents_are_numbers(launcher, capsys):
+    code, _, err = _run(launcher, capsys, "--demo", "--dry-run", "--set", "lr=1e-5x")
+    assert (code, err) == (2, "error: lr must be float, got str '1e-5x'\n")
+    code, _, err = _run(launcher, capsys, "--demo", "--dry-run", "--set", "num_rollout=true")
+    assert (code, err) == (2, "error: num_rollout must be int, got bool True\n")
+    code, out, _ = _run(launcher, capsys, "--demo", "--dry-run", "--set", "lr=1e-5")
+    assert code == 0
+    assert "  lr: 1e-05" in out.splitlines()
+
+
+def test_drop_bad_rows_trains_on_the_rest_and_says_how_many_were_dropped(launcher, capsys, tmp_path):
+    train = _small_data(tmp_path / "data")
+    table = pq.read_table(train).to_pydict()
+    table["images"][1] = [str(tmp_path / "gone.png")]
+    pq.write_table(pa.table(table), train)
+    argv = ["--demo", "--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run")]
+    argv += [
+        "--drop-bad-rows",
+        "--num-rollout",
+        "1",
+        "--rollout-batch-size",
+        "1",
+        "--n-samples-per-prompt",
+        "2",
+    ]
+    code, out, _ = _run(launcher, capsys, *argv, "--set", "progress=false")
+    assert code == 0
+    assert (
+        f"dropped 1 bad row(s) of {train} (drop_bad_rows); training on the other 1; why each was dropped: "
+        f"{tmp_path / 'run' / 'bad_rows.txt'}"
+    ) in out.splitlines()
+    assert (tmp_path / "run" / "bad_rows.txt").read_text() == (
+        f"row 1 [images]: image 0: image file {tmp_path / 'gone.png'} does not exist\n"
+    )
