@@ -14,9 +14,10 @@ FIXTURES = Path(__file__).parent / "fixtures"
 @pytest.fixture(scope="session")
 def grader():
     # Two workers as in production. The timeout is far above what an ordinary answer takes on a
-    # loaded machine (the workers run at a low priority); hostile-answer tests pass a short one.
-    g = Grader(workers=2, timeout_s=60.0)
-    g.wait_ready()
+    # loaded machine; hostile-answer tests pass a short one. Normal priority: at the production
+    # niceness, on a machine loaded by other processes, a worker can take minutes to start.
+    g = Grader(workers=2, timeout_s=60.0, niceness=0)
+    g.wait_ready(120.0)
     yield g
     g.close()
 

@@ -38,6 +38,13 @@ AMPLE_S = 60.0
 HANG_GUARD_S = 120.0
 
 
+def _pool(**settings) -> Grader:
+    """A grader for one test: workers at normal priority (at the production niceness, on a machine
+    loaded by other processes, a worker can take minutes to import sympy) and an ample timeout,
+    unless the test sets them."""
+    return Grader(**{"timeout_s": AMPLE_S, "niceness": 0, **settings})
+
+
 def _wait_for(condition, what: str, timeout_s: float = HANG_GUARD_S) -> None:
     """Poll ``condition`` until it holds; fail naming ``what`` if it does not within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
@@ -184,7 +191,7 @@ def test_hostile_answer_times_out(grader: Grader, monkeypatch: pytest.MonkeyPatc
     # on a loaded machine that can take longer than the parent's usual grace, after which the
     # parent would kill the worker. This test is about the worker stopping the answer itself.
     monkeypatch.setattr("envs.grading.KILL_GRACE_S", HANG_GUARD_S)
-    grader.wait_ready()
+    grader.wait_ready(HANG_GUARD_S)
     pids = grader.worker_pids()
     start = time.monotonic()
     result = grader.grade(SLOW, "3", timeout_s=1.0)
@@ -208,7 +215,7 @@ def test_hostile_answer_times_out(grader: Grader, monkeypatch: pytest.MonkeyPatc
     [HOSTILE, "\\boxed{{10}^{{10}^{10}}}", "(10)^{(10)^{10}}", "x^{10^{10^{10}}}", "10^{200000}", "2^{2^{2^{2^{2^{2}}}}}"],
 )
 def test_numeric_power_towers_are_refused_without_a_worker(grader: Grader, hostile: str) -> None:
-    grader.wait_ready()
+    grader.wait_ready(HANG_GUARD_S)
     pids = grader.worker_pids()
     result = grader.grade(hostile, "3")
     assert (result.status, result.score) == (GradeStatus.TOO_LARGE, 0.0)
@@ -313,7 +320,7 @@ def _wait_gone(pid: int, timeout: float = HANG_GUARD_S) -> None:
 
 
 def test_a_worker_killed_while_idle_is_replaced(grader: Grader) -> None:
-    grader.wait_ready()
+    grader.wait_ready(HANG_GUARD_S)
     before = grader.worker_pids()
     for pid in before:
         os.kill(pid, signal.SIGKILL)
@@ -328,8 +335,8 @@ def test_a_worker_killed_while_idle_is_replaced(grader: Grader) -> None:
 
 def test_a_worker_that_dies_while_grading_is_reported_and_replaced() -> None:
     # The timeout is far out of reach: the worker dies of the kill while grading, not of its alarm.
-    with Grader(workers=1, timeout_s=AMPLE_S) as grader:
-        grader.wait_ready()
+    with _pool(workers=1) as grader:
+        grader.wait_ready(HANG_GUARD_S)
         (pid,) = grader.worker_pids()
         results: list = []
         thread = threading.Thread(target=lambda: results.append(grader.grade(SLOW, "3")), daemon=True)
@@ -347,7 +354,7 @@ def test_a_worker_that_dies_while_grading_is_reported_and_replaced() -> None:
 
 
 def test_close_kills_workers_and_later_calls_are_unavailable() -> None:
-    grader = Grader(workers=1, timeout_s=AMPLE_S)
+    grader = _pool(workers=1)
     assert grader.worker_pids() == []  # nothing starts before first use
     assert grader.grade("1", "1").status is GradeStatus.CORRECT
     (pid,) = grader.worker_pids()
@@ -365,9 +372,10 @@ def test_no_worker_outlives_the_interpreter(tmp_path: Path) -> None:
     script.write_text(
         textwrap.dedent(
             """
-            from envs.grading import get_default_grader
+            from envs.grading import Grader, get_default_grader, set_default_grader
 
             if __name__ == "__main__":
+                set_default_grader(Grader(niceness=0))  # see _pool
                 grader = get_default_grader()
                 print(grader.grade("\\\\boxed{7/2}", "3.5").status.value)
                 print(*grader.worker_pids())
@@ -406,9 +414,9 @@ def test_default_grader_is_lazy_and_replaced_after_close() -> None:
 
 def test_waiting_for_readiness_while_grading_does_not_steal_replies() -> None:
     # Both wait on the same starting worker; only one may read its "ready" message.
-    with Grader(workers=1) as grader:
+    with _pool(workers=1) as grader:
         results = []
-        waiter = threading.Thread(target=grader.wait_ready)
+        waiter = threading.Thread(target=lambda: grader.wait_ready(HANG_GUARD_S))
         grading = threading.Thread(target=lambda: results.append(grader.grade("2", "2").status))
         waiter.start()
         grading.start()
@@ -420,8 +428,8 @@ def test_waiting_for_readiness_while_grading_does_not_steal_replies() -> None:
 def test_a_stuck_worker_is_killed_and_replaced_by_the_started_spare() -> None:
     """A worker that cannot stop an answer itself (simulated with SIGSTOP: stuck in native code) is
     killed once the grace period after the timeout has passed; the spare takes its place."""
-    with Grader(workers=1, timeout_s=AMPLE_S, spare_workers=1) as grader:
-        grader.wait_ready()
+    with _pool(workers=1, spare_workers=1) as grader:
+        grader.wait_ready(HANG_GUARD_S)
         (worker,), (spare,) = grader.worker_pids(), grader.spare_pids()
         os.kill(worker, signal.SIGSTOP)
         result = grader.grade("3", "3", timeout_s=0.5)
@@ -437,8 +445,8 @@ def test_a_stuck_worker_is_killed_and_replaced_by_the_started_spare() -> None:
 
 
 def test_no_spares_when_asked_for_none() -> None:
-    with Grader(workers=1, timeout_s=AMPLE_S, spare_workers=0) as grader:
-        grader.wait_ready()
+    with _pool(workers=1, spare_workers=0) as grader:
+        grader.wait_ready(HANG_GUARD_S)
         assert grader.spare_pids() == []
         (worker,) = grader.worker_pids()
         os.kill(worker, signal.SIGSTOP)
@@ -454,10 +462,8 @@ def _stuck_on_first_answer(max_workers: int, results: list):
     a thread grades "3" against "3" on it; yields (grader, stuck pid, that thread) once the grader
     counts the worker as slow. The timeout is out of reach: the stopped worker resumes with the
     answer still its own, however long the test takes to send SIGCONT."""
-    with Grader(
-        workers=1, spare_workers=1, timeout_s=AMPLE_S, slow_answer_s=0.2, max_workers=max_workers
-    ) as grader:
-        grader.wait_ready()
+    with _pool(workers=1, spare_workers=1, slow_answer_s=0.2, max_workers=max_workers) as grader:
+        grader.wait_ready(HANG_GUARD_S)
         (stuck,) = grader.worker_pids()
         os.kill(stuck, signal.SIGSTOP)
         thread = threading.Thread(target=lambda: results.append(grader.grade("3", "3").status), daemon=True)
@@ -508,11 +514,11 @@ def test_a_pool_at_max_workers_does_not_grow() -> None:
 def test_workers_and_spares_run_at_the_lower_priority() -> None:
     base = os.getpriority(os.PRIO_PROCESS, 0)
     with Grader(workers=1, spare_workers=1, niceness=7) as grader:
-        grader.wait_ready()
+        grader.wait_ready(HANG_GUARD_S)
         for pid in grader.worker_pids() + grader.spare_pids():
             assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, base + 7)
     with Grader(workers=1, spare_workers=0, niceness=0) as grader:
-        grader.wait_ready()
+        grader.wait_ready(HANG_GUARD_S)
         assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in grader.worker_pids()] == [base]
 
 
@@ -520,13 +526,13 @@ ALLOWED_CPUS = frozenset(os.sched_getaffinity(0))
 
 
 def _worker_cpus_of(grader: Grader) -> list[frozenset[int]]:
-    grader.wait_ready()
+    grader.wait_ready(HANG_GUARD_S)
     return [frozenset(os.sched_getaffinity(pid)) for pid in grader.worker_pids() + grader.spare_pids()]
 
 
 def test_workers_leave_the_lowest_cpu_to_the_caller_by_default() -> None:
     expected = ALLOWED_CPUS - {min(ALLOWED_CPUS)} if len(ALLOWED_CPUS) > 1 else ALLOWED_CPUS
-    with Grader(workers=1, spare_workers=1, timeout_s=AMPLE_S) as grader:
+    with _pool(workers=1, spare_workers=1) as grader:
         assert _worker_cpus_of(grader) == [expected, expected]
         assert grader.grade("\\boxed{4}", "4").status is GradeStatus.CORRECT
     # The caller's own mask is untouched.
@@ -535,10 +541,10 @@ def test_workers_leave_the_lowest_cpu_to_the_caller_by_default() -> None:
 
 def test_workers_run_on_the_cpus_they_are_given() -> None:
     lowest = min(ALLOWED_CPUS)
-    with Grader(workers=1, spare_workers=0, cpus=[lowest], timeout_s=AMPLE_S) as grader:
+    with _pool(workers=1, spare_workers=0, cpus=[lowest]) as grader:
         assert _worker_cpus_of(grader) == [frozenset({lowest})]
         assert grader.grade("7/2", "\\frac{7}{2}").status is GradeStatus.CORRECT
-    with Grader(workers=1, spare_workers=0, cpus=ALLOWED_CPUS) as grader:
+    with _pool(workers=1, spare_workers=0, cpus=ALLOWED_CPUS) as grader:
         assert grader.cpus is None  # every CPU: nothing to narrow
         assert _worker_cpus_of(grader) == [ALLOWED_CPUS]
 
@@ -607,7 +613,7 @@ def test_workers_that_cannot_start_are_reported_as_such(tmp_path: Path) -> None:
         from envs.grading import Grader
         # A wait for a free worker longer than the subprocess timeout below: a grader that
         # waited for one instead of giving up would be caught by that timeout.
-        with Grader(workers=1, spare_workers=0, wait_timeout_s=3600) as grader:
+        with Grader(workers=1, spare_workers=0, niceness=0, wait_timeout_s=3600) as grader:
             result = grader.grade("3", "3")
             print(result.status.name, "|", result.detail)
         """
