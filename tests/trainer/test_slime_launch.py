@@ -174,6 +174,19 @@ def test_flag_lists_tell_the_releases_apart():
         assert flag in current and flag in legacy
 
 
+def test_plugin_settings_overwrite_no_slime_argument():
+    """slime copies every key of --custom-config-path onto its parsed arguments (slime_validate_args):
+    a plugin key named like one of slime's arguments would silently replace it."""
+    import yaml
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "geo3k_vlm_multi_turn.yaml"
+    keys = set(yaml.safe_load(config.read_text()))
+    assert "max_turns" in keys
+    for release in KNOWN_FLAGS_FILES:
+        dests = {flag[2:].replace("-", "_") for flag in _known_flags(release)}
+        assert not keys & dests, f"plugin keys that are {release} slime arguments: {keys & dests}"
+
+
 def test_default_recipe_is_qwen35_moe_with_expert_parallel_over_all_gpus(tmp_path, capsys):
     """The layout of slime's own examples/geo3k_vlm_multi_turn at 624b824."""
     script = _run_script()
