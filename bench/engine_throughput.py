@@ -11,10 +11,13 @@ warm-up.
     # GPU: a random-weight model of Qwen2.5-VL-3B's shape in bf16 (tiny preset's tokenizer/processor)
     python bench/engine_throughput.py --random-init-shape qwen2.5-vl-3b --device cuda --dtype bfloat16 \\
         --batch-sizes 1,8,32 --new-tokens 256
+    # the same for Qwen3.5-4B's shape (hybrid: Gated DeltaNet + gated full attention)
+    python bench/engine_throughput.py --random-init-shape qwen3.5-4b --device cuda --dtype bfloat16
 
 Prints a markdown table and writes bench/results/engine_throughput-<host>-<date>.json. On a
 machine without network, the tiny preset's tokenizer is built from Qwen's BPE ranks cached at
-``.cache/vlm-multiturn/qwen.tiktoken`` (copy that file along with the checkout).
+``.cache/vlm-multiturn/qwen.tiktoken`` (Qwen3.5: ``qwen3_5.tiktoken``; copy it along with the
+checkout).
 """
 
 from __future__ import annotations
@@ -64,7 +67,15 @@ class Shape:
     vision_hidden_size: int
     vision_intermediate_size: int
     vision_num_heads: int
-    vision_fullatt_block_indexes: tuple[int, ...]
+    vision_fullatt_block_indexes: tuple[int, ...] = ()
+    # Qwen3.5 only: full-attention head size, rotating fraction of it, linear-attention heads.
+    head_dim: int = 0
+    partial_rotary_factor: float = 1.0
+    full_attention_interval: int = 0
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_head_dim: int = 0
+    vision_num_position_embeddings: int = 0
 
 
 # From Qwen/Qwen2.5-VL-3B-Instruct's config.json.
@@ -87,14 +98,97 @@ SHAPES = {
         vision_num_heads=16,
         vision_fullatt_block_indexes=(7, 15, 23, 31),
     ),
+    # Text: Qwen3.5-4B as slime's Megatron recipe states it (scripts/models/qwen3.5-4B.sh: 32 layers,
+    # hidden 2560, FFN 9216, 16 heads / 4 KV groups of 256, a quarter of each head rotating, vocab
+    # 248,320, tied embeddings). Linear-attention heads and the vision tower: transformers'
+    # Qwen3_5Config defaults (16 key / 32 value heads of 128; 27-layer, 1152-wide vision tower).
+    "qwen3.5-4b": Shape(
+        family="qwen3.5",
+        processing_preset="tiny-qwen3.5",
+        vocab_size=248_320,
+        hidden_size=2560,
+        num_hidden_layers=32,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        intermediate_size=9216,
+        mrope_section=(11, 11, 10),
+        rope_theta=10_000_000.0,
+        tie_word_embeddings=True,
+        vision_depth=27,
+        vision_hidden_size=1152,
+        vision_intermediate_size=4304,
+        vision_num_heads=16,
+        head_dim=256,
+        partial_rotary_factor=0.25,
+        full_attention_interval=4,
+        linear_num_key_heads=16,
+        linear_num_value_heads=32,
+        linear_head_dim=128,
+        vision_num_position_embeddings=2304,
+    ),
 }
+
+
+def _qwen3_5_config(shape: Shape, tokenizer):
+    from transformers import Qwen3_5Config
+
+    token = tokenizer.convert_tokens_to_ids
+    text = dict(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        head_dim=shape.head_dim,
+        full_attention_interval=shape.full_attention_interval,
+        linear_num_key_heads=shape.linear_num_key_heads,
+        linear_num_value_heads=shape.linear_num_value_heads,
+        linear_key_head_dim=shape.linear_head_dim,
+        linear_value_head_dim=shape.linear_head_dim,
+        max_position_embeddings=262_144,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": shape.rope_theta,
+            "partial_rotary_factor": shape.partial_rotary_factor,
+            "mrope_section": list(shape.mrope_section),
+            "mrope_interleaved": True,
+        },
+        tie_word_embeddings=shape.tie_word_embeddings,
+        bos_token_id=token("<|endoftext|>"),
+        eos_token_id=token("<|im_end|>"),
+        pad_token_id=token("<|endoftext|>"),
+    )
+    vision = dict(
+        depth=shape.vision_depth,
+        hidden_size=shape.vision_hidden_size,
+        intermediate_size=shape.vision_intermediate_size,
+        num_heads=shape.vision_num_heads,
+        out_hidden_size=shape.hidden_size,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        num_position_embeddings=shape.vision_num_position_embeddings,
+    )
+    return Qwen3_5Config(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=token("<|image_pad|>"),
+        video_token_id=token("<|video_pad|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+        vision_end_token_id=token("<|vision_end|>"),
+        tie_word_embeddings=shape.tie_word_embeddings,
+    )
 
 
 def random_init_config(shape: Shape, tokenizer):
     from transformers import Qwen2_5_VLConfig
 
+    if shape.family == "qwen3.5":
+        return _qwen3_5_config(shape, tokenizer)
     if shape.family != "qwen2.5-vl":
-        raise ValueError(f"random-init shapes are implemented for qwen2.5-vl only, got {shape.family!r}")
+        raise ValueError(f"random-init shapes exist for qwen2.5-vl and qwen3.5, got {shape.family!r}")
     token = tokenizer.convert_tokens_to_ids
     text = dict(
         vocab_size=shape.vocab_size,

@@ -8,6 +8,16 @@ bench/results/train_step-<host>-<date>.json.
 
     python bench/train_step.py --random-init-shape qwen2.5-vl-3b --device cuda --samples 8 \\
         --response-tokens 1024 --micro-batch-size 1 --gradient-checkpointing
+
+``--grpo-steps N`` runs N whole GRPO steps of the local backend instead (the trainer's own pieces:
+the in-process engine, geo3k episodes over generated sample problems, group advantages,
+``policy_update``) and reports the engine-vs-trainer log-prob mismatch: for every model token,
+|trainer's log-prob before the update - engine's log-prob|, as max, mean, p99 and the share above
+0.1. The loop is ``trainer.loop.train`` without its parquet reader and checkpoint writes (a
+random-weight model has no checkpoint to load; writing 90 GB of optimizer state is not the point):
+
+    python bench/train_step.py --random-init-shape qwen3.5-4b --device cuda --grpo-steps 2 \\
+        --gradient-checkpointing
 """
 
 from __future__ import annotations
@@ -39,7 +49,8 @@ def fabricate_rollout(policy, samples: int, response_tokens: int, seed: int = 0)
         tokenize=False, add_generation_prompt=True,
     )  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
-    regular_vocab = len(policy.tokenizer) - 26  # response tokens from the regular vocabulary only
+    # Response tokens from the regular vocabulary only (below the first added token, <|endoftext|>).
+    regular_vocab = policy.tokenizer.convert_tokens_to_ids("<|endoftext|>")
     items = []
     for position in range(samples):
         prompt = policy.processor(text=[text], images=[diagram(position)], return_tensors="pt")
@@ -61,6 +72,107 @@ def fabricate_rollout(policy, samples: int, response_tokens: int, seed: int = 0)
     return items
 
 
+def grpo_mismatch(policy, name: str, args, device: str) -> dict:
+    """``args.grpo_steps`` GRPO steps of the local backend; the per-token mismatch distribution."""
+    import asyncio
+
+    import trainer.update
+    from envs.geo3k.sample_data import format_problem, generate_problems
+    from rollout.engines.local import LocalEngine
+    from trainer.batch import to_train_sample
+    from trainer.data import Prompt
+    from trainer.grpo import group_advantages
+    from trainer.rollouts import TurnSeededEngine, build_group_samples, rollout_args, run_rollout
+
+    extra = {}
+    if args.env == "image-feedback":
+        # The test suite's env that answers every turn with an image: every episode runs max_turns
+        # turns with image observations, whatever a random model writes (geo3k ends at the first
+        # turn without a tool call).
+        import tempfile
+
+        plugin = Path(tempfile.mkdtemp()) / "image_feedback.yaml"
+        env_file = HERE.parent / "tests" / "rollout" / "envs_for_tests.py"
+        plugin.write_text(f"max_turns: 3\nrollout_interaction_env_path: {env_file}\nenv_kwargs: {{kind: image}}\n")
+        extra["custom_config_path"] = str(plugin)
+    cfg = TrainConfig.from_dict(
+        dict(**extra, rollout_batch_size=args.prompts, n_samples_per_prompt=args.samples,
+             rollout_max_response_len=args.response_tokens, max_tokens_per_turn=args.tokens_per_turn,
+             micro_batch_size=args.micro_batch_size, gradient_checkpointing=args.gradient_checkpointing,
+             lr=1e-6, progress=False, device=device, engine_max_batch_size=args.prompts * args.samples)
+    )  # fmt: skip
+    diffs: list[torch.Tensor] = []
+    record = trainer.update._Mismatch.add
+
+    def add(self, train, rollout, mask):  # the trainer's own comparison, every token kept
+        record(self, train, rollout, mask)
+        diffs.append((train.detach().float().cpu() - rollout).abs()[mask > 0])
+
+    trainer.update._Mismatch.add = add
+    if args.gradient_checkpointing:
+        policy.model.gradient_checkpointing_enable()
+    optimizer = MasterWeightAdamW(policy.model, cfg)
+    engine = LocalEngine(policy, max_batch_size=cfg.engine_max_batch_size, seed=cfg.seed)
+    rollout_settings = rollout_args(cfg, TurnSeededEngine(engine), str(policy.path))
+    problems = generate_problems(args.prompts * args.grpo_steps, seed=0)
+    pad = policy.tokenizer.pad_token_id
+    steps = []
+    for step in range(args.grpo_steps):
+        started = time.perf_counter()
+        batch = [
+            Prompt(row=i, problem=format_problem(p.question), label=p.answer, images=[p.image])
+            for i, p in enumerate(problems[step * args.prompts : (step + 1) * args.prompts])
+        ]
+        samples = build_group_samples(batch, cfg, policy.tokenizer, step)
+        asyncio.run(run_rollout(rollout_settings, samples, cfg, step))
+        rollout_s = time.perf_counter() - started
+        advantages = group_advantages([float(s.reward) for s in samples], cfg.n_samples_per_prompt,
+                                      cfg.rollout_batch_size, std_normalization=cfg.grpo_std_normalization)  # fmt: skip
+        items = [
+            to_train_sample(s, i, float(a), policy.model.config)
+            for i, (s, a) in enumerate(zip(samples, advantages.tolist(), strict=True))
+        ]
+        before = len(diffs)
+        update_started = time.perf_counter()
+        stats = trainer.update.policy_update(policy.model, optimizer, items, cfg, pad_token_id=pad)
+        engine.weight_version = step + 1
+        step_diffs = torch.cat(diffs[before:]) if len(diffs) > before else torch.zeros(0)
+        steps.append({
+            "step": step, "rollout_s": round(rollout_s, 1),
+            "update_s": round(time.perf_counter() - update_started, 1),
+            "statuses": sorted({str(s.status) for s in samples}),
+            "excluded": sum(item.excluded is not None for item in items),
+            "response_tokens_mean": round(sum(s.response_length for s in samples) / len(samples), 1),
+            "turns_mean": round(sum(len(s.metadata.get("turns", [])) for s in samples) / len(samples), 2),
+            "grad_norm": round(stats.grad_norm, 4), **_distribution(step_diffs),
+        })  # fmt: skip
+        print(steps[-1], flush=True)
+    trainer.update._Mismatch.add = record
+    row = {"model": name, "env": args.env, "parameters": sum(p.numel() for p in policy.model.parameters()),
+           "dtype": str(next(policy.model.parameters()).dtype).removeprefix("torch."),
+           "episodes_per_step": args.prompts * args.samples, "steps": steps,
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.startswith("cuda") else None,
+           **_distribution(torch.cat(diffs) if diffs else torch.zeros(0))}  # fmt: skip
+    print("| model | tokens | max | mean | p99 | share > 0.1 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| {name} ({row['dtype']}) | {row['tokens']} | {row['max']:.4f} | {row['mean']:.4f} | {row['p99']:.4f} | "
+          f"{row['share_above_0.1']:.4f} |")  # fmt: skip
+    return row
+
+
+def _distribution(diffs: torch.Tensor) -> dict:
+    if diffs.numel() == 0:
+        return {"tokens": 0, "max": 0.0, "mean": 0.0, "p99": 0.0, "share_above_0.1": 0.0}
+    diffs = diffs.double()
+    return {
+        "tokens": int(diffs.numel()),
+        "max": round(float(diffs.max()), 5),
+        "mean": round(float(diffs.mean()), 5),
+        "p99": round(float(torch.quantile(diffs, 0.99)), 5),
+        "share_above_0.1": round(float((diffs > 0.1).double().mean()), 5),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny-qwen2.5-vl")
@@ -72,10 +184,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output-dir", type=Path, default=HERE / "results")
+    parser.add_argument("--grpo-steps", type=int, default=0, help="run GRPO steps and report the mismatch")
+    parser.add_argument("--prompts", type=int, default=4, help="--grpo-steps: prompts per step")
+    parser.add_argument("--tokens-per-turn", type=int, default=64, help="--grpo-steps: generation cap per turn")
+    parser.add_argument("--env", choices=["geo3k", "image-feedback"], default="geo3k", help="--grpo-steps: the env")
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = default_dtype(device)
     policy, name = bench_policy(args.model, args.random_init_shape, device, dtype)
+    if args.grpo_steps:
+        # --samples is per prompt here and --response-tokens the episode's budget over all turns.
+        return _write(args, argv, device, "grpo_mismatch", grpo_mismatch(policy, name, args, device))
     cfg = TrainConfig.from_dict(
         dict(rollout_batch_size=1, n_samples_per_prompt=args.samples, micro_batch_size=args.micro_batch_size,
              gradient_checkpointing=args.gradient_checkpointing, lr=1e-6, progress=False)
@@ -118,11 +237,15 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.gradient_checkpointing} | {row['seconds_per_update']:.2f} | {row['tokens_per_s']:.0f} | "
         f"{row['peak_gib'] if peak is not None else '-'} |"
     )
-    report = {"benchmark": "train_step", "date": date.today().isoformat(), "command": " ".join(
+    return _write(args, argv, device, "train_step", row)
+
+
+def _write(args, argv, device: str, benchmark: str, row: dict) -> dict:
+    report = {"benchmark": benchmark, "date": date.today().isoformat(), "command": " ".join(
         ["python", "bench/train_step.py", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine(device), "result": row}  # fmt: skip
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    path = args.output_dir / f"train_step-{socket.gethostname()}-{date.today()}.json"
+    path = args.output_dir / f"{benchmark}-{socket.gethostname()}-{date.today()}.json"
     runs = json.loads(path.read_text())["runs"] if path.is_file() else []
     path.write_text(json.dumps({"runs": [*runs, report]}, indent=2))
     print(f"wrote {path}")
