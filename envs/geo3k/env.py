@@ -21,24 +21,14 @@ model text, and returns within the grading timeout plus the wait for a free grad
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from envs.base import BaseInteractionEnv, EnvConfigError, did_you_mean
+from envs.base import EnvConfigError, did_you_mean
 from envs.grading import Grader, GradeResult, GradeStatus, extract_boxed, get_default_grader
-from envs.tool_calls import (
-    CALL_FORMS,
-    ParseResult,
-    ToolCallError,
-    ToolCallErrorKind,
-    ToolSpec,
-    call_form_for,
-    format_call,
-    parse_tool_call,
-)
+from envs.tool_calls import CALL_FORMS, call_form_for
+from envs.tool_env import ToolEnv, ToolOutcome, ToolResult
 
 __all__ = [
     "TOOL_ALIASES",
@@ -78,8 +68,6 @@ TOOL_SCHEMA: dict[str, Any] = {
 }
 TOOLS: list[dict[str, Any]] = [TOOL_SCHEMA]
 
-_TOOL_SPECS = (ToolSpec.from_schema(TOOL_SCHEMA, aliases=TOOL_ALIASES),)
-_EXPECTED_CALLS = {form: format_call(TOOL_NAME, {"answer": "<your answer>"}, form) for form in CALL_FORMS}
 _CALL_FORM_SETTINGS = ("auto", *CALL_FORMS)
 #: Longest answer quoted back in feedback; longer ones are cut with "...".
 _QUOTE_CHARS = 120
@@ -161,24 +149,19 @@ def _reject_unknown(values: dict[str, Any], valid: list[str]) -> None:
 
 
 @dataclass
-class Geo3kOutcome:
-    """What the episode achieved; the reward function reads this, never the feedback text."""
+class Geo3kOutcome(ToolOutcome):
+    """What the episode achieved; the reward function reads ``score``, never the feedback text.
 
-    #: 1.0 once any graded answer (tool call or final answer) was correct, else 0.0.
-    score: float = 0.0
+    ``score`` is 1.0 once any graded answer (tool call or final answer) was correct, else 0.0."""
+
     #: Answers submitted for grading: executed tool calls plus a graded final answer.
     attempts: int = 0
     #: 1-based turn of the first correct answer, or None.
     solved_at_turn: int | None = None
-    valid_tool_calls: int = 0
-    invalid_tool_calls: int = 0
-    turns: int = 0
     #: The last answer submitted for grading, as the model wrote it.
     last_answer: str | None = None
     #: GradeStatus value of every attempt, in order ("correct", "not graded: timeout", ...).
     grade_statuses: list[str] = field(default_factory=list)
-    #: "correct", "no_tool_call" or "max_turns" once the episode is over.
-    done_reason: str | None = None
 
     @property
     def grader_unavailable(self) -> bool:
@@ -186,8 +169,21 @@ class Geo3kOutcome:
         return GradeStatus.UNAVAILABLE.value in self.grade_statuses
 
 
-class Geo3kEnv(BaseInteractionEnv):
-    """The calc_score environment for one Geometry3K problem (see the module docstring)."""
+class Geo3kEnv(ToolEnv):
+    """The calc_score environment for one Geometry3K problem (see the module docstring).
+
+    Tool dispatch, argument checks, bad-call feedback, turn counting and the last-chance message come
+    from :class:`envs.tool_env.ToolEnv`; this class grades answers."""
+
+    TOOLS = TOOLS
+    TOOL_ALIASES = {TOOL_NAME: TOOL_ALIASES}
+    ARGUMENT_EXAMPLES = {"answer": "7/2"}
+    LAST_CHANCE = (
+        "This is your last chance: do not call the tool again. Reply with your final answer "
+        "in the form Answer: \\boxed{...}"
+    )
+    outcome_class = Geo3kOutcome
+    outcome: Geo3kOutcome
 
     def __init__(
         self, label: str, settings: Geo3kSettings | None = None, *, grader: Grader | None = None
@@ -196,119 +192,44 @@ class Geo3kEnv(BaseInteractionEnv):
             raise EnvConfigError(f"Geo3kEnv needs the reference answer as a non-empty string, got {label!r}")
         self.label = label
         self.settings = settings or Geo3kSettings()
-        self.role = self.settings.feedback_role
         form = self.settings.tool_call_format
-        self.call_form = "json" if form == "auto" else form
+        super().__init__(
+            max_turns=self.settings.max_turns,
+            call_form="json" if form == "auto" else form,
+            role=self.settings.feedback_role,
+        )
         self._grader = grader if grader is not None else get_default_grader()
         # Workers start now, while the model generates its first turn.
         self._grader.start()
-        self.outcome = Geo3kOutcome()
-        self.turn = 0
-        self.done = False
 
-    @property
-    def tools(self) -> list[dict[str, Any]]:
-        """The tool schemas (OpenAI format), a fresh copy: a caller may edit it without touching any
-        other env's. Built on access, not per env: hundreds of envs start at once and few ask."""
-        return copy.deepcopy(TOOLS)
+    def new_info(self) -> dict[str, Any]:
+        return {**super().new_info(), "grade_status": None}
 
-    # -- protocol --------------------------------------------------------------------------------
+    # -- the tool --------------------------------------------------------------------------------
 
-    def reset(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        self.outcome = Geo3kOutcome()
-        self.turn = 0
-        self.done = False
-        # The question and its images are in the prompt; there is no initial observation.
-        return {}, {"max_turns": self.settings.max_turns, "tools": [TOOL_NAME, *TOOL_ALIASES]}
-
-    def step(self, response_text: str) -> tuple[dict[str, Any], bool, dict[str, Any]]:
-        if not isinstance(response_text, str):
-            raise TypeError(
-                f"Geo3kEnv.step takes the model's text as str, got {type(response_text).__name__}"
-            )
-        if self.done:
-            raise RuntimeError("Geo3kEnv.step called after the episode ended; call reset() first")
-        self.turn += 1
-        self.outcome.turns = self.turn
-        info: dict[str, Any] = {
-            "turn": self.turn,
-            "tool_executed": False,
-            "answer": None,
-            "score": None,
-            "grade_status": None,
-            "error": None,
-            "error_kind": None,
-            "ignored_tool_calls": 0,
-        }
-        parsed = parse_tool_call(response_text, _TOOL_SPECS, form=self.call_form)
-        info["ignored_tool_calls"] = parsed.ignored_blocks
-        if parsed.error is not None and parsed.error.kind is ToolCallErrorKind.NO_BLOCK:
-            return self._finish(self._final_answer(response_text, info), "no_tool_call", info)
-        text, solved = self._run_tool_call(parsed, info)
-        if solved and self.settings.end_on_correct:
-            return self._finish(text, "correct", info)
-        if parsed.ignored_blocks:
-            text = _sentence(
-                text,
-                f"Only your first tool call was run; {parsed.ignored_blocks} later call(s) were ignored.",
-            )
-        if self.turn >= self.settings.max_turns:
-            return self._finish(text, "max_turns", info)
-        if self.turn == self.settings.max_turns - 1:
-            text = _sentence(
-                text,
-                "This is your last chance: do not call the tool again. Reply with your final answer "
-                "in the form Answer: \\boxed{...}",
-            )
-        else:
-            text = _sentence(text, f"You have {self.settings.max_turns - self.turn} turns left.")
-        return self._observation(text), False, info
-
-    # -- helpers ---------------------------------------------------------------------------------
-
-    def _run_tool_call(self, parsed: ParseResult, info: dict[str, Any]) -> tuple[str, bool]:
-        """Feedback for a turn with a tool call, and whether its answer was correct."""
-        answer = parsed.error if parsed.call is None else _answer_argument(parsed.call.arguments)
-        if not isinstance(answer, str):
-            assert answer is not None  # a ParseResult has exactly one of call and error
-            self.outcome.invalid_tool_calls += 1
-            info.update(error=answer.message, error_kind=answer.kind.value)
-            return (
-                f"Your tool call was not run: {answer.message}. The expected format is:\n"
-                f"{_EXPECTED_CALLS[self.call_form]}\n",
-                False,
-            )
-        self.outcome.valid_tool_calls += 1
-        info["tool_executed"] = True
+    def tool_calc_score(self, answer: str) -> ToolResult:
+        answer = answer.strip()
+        info: dict[str, Any] = {}
         result = self._grade(answer, info)
         if result.correct:
             text = f"{TOOL_NAME}: your answer {_quote(answer)} is correct."
             if not self.settings.end_on_correct:
                 text += " You may now state your final answer."
-            return text, True
+            return ToolResult(text, info=info, done=self.settings.end_on_correct, done_reason="correct")
         if result.status is GradeStatus.INCORRECT:
-            return (
+            return ToolResult(
                 f"{TOOL_NAME}: your answer {_quote(answer)} is incorrect. Check your reasoning and try "
-                "a different approach instead of repeating the same answer."
-            ), False
+                "a different approach instead of repeating the same answer.",
+                info=info,
+            )
         info["error"] = result.detail
-        return (
+        return ToolResult(
             f"{TOOL_NAME} could not grade your answer {_quote(answer)} ({result.detail}). "
-            "Give the answer as a single number or expression, such as 7/2, 2\\sqrt{3} or 60."
-        ), False
+            "Give the answer as a single number or expression, such as 7/2, 2\\sqrt{3} or 60.",
+            info=info,
+        )
 
-    def _grade(self, answer: str, info: dict[str, Any]) -> GradeResult:
-        result = self._grader.grade(answer, self.label, timeout_s=self.settings.grading_timeout_s)
-        self.outcome.attempts += 1
-        self.outcome.last_answer = answer
-        self.outcome.grade_statuses.append(result.status.value)
-        if result.correct and self.outcome.solved_at_turn is None:
-            self.outcome.solved_at_turn = self.turn
-            self.outcome.score = 1.0
-        info.update(answer=answer, score=result.score, grade_status=result.status.value)
-        return result
-
-    def _final_answer(self, response_text: str, info: dict[str, Any]) -> str:
+    def no_tool_call(self, response_text: str, info: dict[str, Any]) -> str:
         answer = extract_boxed(response_text)
         if answer is None or not answer.strip():
             return "No tool call found; the episode is over."
@@ -321,32 +242,16 @@ class Geo3kEnv(BaseInteractionEnv):
         )
         return f"No tool call found; the episode is over. Final answer {_quote(answer)}: {verdict}."
 
-    def _finish(
-        self, text: str, reason: str, info: dict[str, Any]
-    ) -> tuple[dict[str, Any], bool, dict[str, Any]]:
-        self.done = True
-        self.outcome.done_reason = reason
-        info["done_reason"] = reason
-        return self._observation(text), True, info
-
-    def _observation(self, text: str) -> dict[str, Any]:
-        return {"obs_str": text, "role": self.settings.feedback_role}
-
-
-def _answer_argument(arguments: dict[str, Any]) -> str | ToolCallError:
-    value = arguments["answer"]
-    if isinstance(value, str):
-        return value.strip()
-    # Models often write {"answer": 3.5}; a number is unambiguous, so take it.
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return json.dumps(value)
-    kind = "boolean" if isinstance(value, bool) else "array" if isinstance(value, list) else "object"
-    if isinstance(value, float):
-        kind = "non-finite number"
-    return ToolCallError(
-        ToolCallErrorKind.INVALID_ARGUMENTS,
-        f'the argument "answer" must be a string such as "7/2", got a JSON {kind}',
-    )
+    def _grade(self, answer: str, info: dict[str, Any]) -> GradeResult:
+        result = self._grader.grade(answer, self.label, timeout_s=self.settings.grading_timeout_s)
+        self.outcome.attempts += 1
+        self.outcome.last_answer = answer
+        self.outcome.grade_statuses.append(result.status.value)
+        if result.correct and self.outcome.solved_at_turn is None:
+            self.outcome.solved_at_turn = self.turn
+            self.record_score(1.0)
+        info.update(answer=answer, score=result.score, grade_status=result.status.value)
+        return result
 
 
 def _quote(answer: str) -> str:
@@ -354,10 +259,6 @@ def _quote(answer: str) -> str:
     if len(answer) > _QUOTE_CHARS:
         answer = answer[:_QUOTE_CHARS] + "..."
     return f'"{answer}"'
-
-
-def _sentence(text: str, sentence: str) -> str:
-    return f"{text}{sentence}" if text.endswith("\n") else f"{text} {sentence}"
 
 
 def _label_of(sample: Any) -> str:

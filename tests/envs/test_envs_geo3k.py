@@ -67,8 +67,12 @@ def _info(turn: int = 1, **values: Any) -> dict[str, Any]:
         "error": None,
         "error_kind": None,
         "ignored_tool_calls": 0,
+        "tool_call": None,
     }
     info.update(values)
+    if info["tool_executed"]:
+        # What the rollout records per turn: the call as run (a number given for the answer reads as text).
+        info["tool_call"] = {"name": "calc_score", "arguments": {"answer": info["answer"]}}
     return info
 
 
