@@ -22,10 +22,14 @@ Measured, per scenario:
   timers around the rollout's heavier steps say how much of the loop thread's time each took, and
   timers around ``Grader.grade`` give the grading latency (measurement only, removed afterwards).
 
-Before each scenario an untimed batch of the same workload runs against the scenario's server, so
-that the process heap has grown to a batch's size and the connection pool holds a batch's
-connections, as in a training run that rolls out batch after batch from one event loop
-(``--cold``: one group only).
+Before each scenario an untimed batch runs against the scenario's server, so that the process heap
+has grown to a batch's size and the connection pool holds a batch's connections, as in a training
+run that rolls out batch after batch from one event loop. Its prompts and images are other ones
+than the timed batch's (``--warm-prompts`` of them), and each scenario has its own: a training step
+brings new prompts and images, so every cache the rollout keeps (images processed and encoded,
+prompt token ids) starts cold for the timed batch, except that the 8 copies of a prompt share it as
+in GRPO (slime deep-copies the images; so does this script). The report gives the image cache's
+hits and misses in the timed batch (expected: one miss per prompt).
 
 Scenarios: ``clean`` (all answers gradable) and ``hostile`` (every 16th multi-turn episode first
 answers ``\\boxed{9!!!!!}``, which sympy grinds on until the worker stops it at the timeout;
@@ -46,6 +50,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -198,19 +204,29 @@ class EpisodePlan:
 
 @dataclass
 class Workload:
+    """``warm_prompts`` prompts for the untimed warm-up, then ``settings.prompts`` timed ones: the
+    timed batch shares no prompt text and no image with the warm-up, as a training step shares none
+    with the step before it (every cache the rollout keeps starts cold for it)."""
+
     settings: Settings
+    warm_prompts: int
     prompts: list[str]
     labels: list[str]
     images: list[Any]
     prompt_ids: list[list[int]]  # what the first request of each prompt carries
-    image_uris: list[str]  # its image as the client sends it (prompt texts may repeat; images do not)
+    image_uris: list[str]  # its image as the client sends it
+    pad_counts: list[int]  # its image's pad count, which SGLang expands the one pad to
     plans: list[list[EpisodePlan]]  # [prompt][slot]
     assistant_header: list[int]
     im_start_id: int
     eos_id: int
 
+    def timed_prompts(self) -> range:
+        return range(self.warm_prompts, len(self.prompts))
+
     def all_plans(self) -> list[EpisodePlan]:
-        return [plan for group in self.plans for plan in group]
+        """The timed batch's plans."""
+        return [plan for p in self.timed_prompts() for plan in self.plans[p]]
 
     def ideal_s(self, extra_per_hostile_s: float = 0.0) -> float:
         per_token = self.settings.ms_per_token / 1e3
@@ -222,6 +238,7 @@ class Workload:
         return {
             "prompt_ids": self.prompt_ids,
             "image_uris": self.image_uris,
+            "pad_counts": self.pad_counts,
             "replies": [[plan.replies for plan in group] for group in self.plans],
             "assistant_header": self.assistant_header,
             "im_start_id": self.im_start_id,
@@ -229,19 +246,20 @@ class Workload:
             "per_token_s": self.settings.ms_per_token / 1e3,
         }
 
-    def samples(self) -> list[Any]:
-        """Fresh samples, each with its own copy of its image (slime deep-copies each prompt n times)."""
+    def samples(self, prompts: range | None = None) -> list[Any]:
+        """Fresh samples of ``prompts`` (default: the timed ones), each with its own deep copy of its
+        image, as slime deep-copies each prompt n times. ``group_index`` is the prompt's index."""
         from rollout.sample import Sample
 
         out = []
-        for p, prompt in enumerate(self.prompts):
+        for p in self.timed_prompts() if prompts is None else prompts:
             for s in range(self.settings.samples):
                 out.append(
                     Sample(
                         group_index=p,
                         index=p * self.settings.samples + s,
-                        prompt=prompt,
-                        multimodal_inputs={"images": [self.images[p].copy()]},
+                        prompt=self.prompts[p],
+                        multimodal_inputs={"images": [copy.deepcopy(self.images[p])]},
                         label=self.labels[p],
                     )
                 )
@@ -265,42 +283,53 @@ def _plan_kinds(turns: int, max_turns: int, rng: random.Random) -> list[str]:
 
 
 def build_workload(
-    processing, settings: Settings, hostile_every: int = 0, hostile_answer: str = HOSTILE_ANSWER
+    processing,
+    settings: Settings,
+    hostile_every: int = 0,
+    hostile_answer: str = HOSTILE_ANSWER,
+    warm_prompts: int | None = None,
 ) -> Workload:
-    """Problems, prompts and a script of replies for every (prompt, sample) slot.
+    """Problems, prompts and a script of replies for every (prompt, sample) slot: ``warm_prompts``
+    (default ``settings.prompts``) for the warm-up, then ``settings.prompts`` for the timed batch.
 
-    With ``hostile_every`` = k > 0, every k-th episode that takes two or more turns answers
+    Every problem is distinct (its own diagram), and its text is marked with the seed and its index,
+    so no two prompts of a process share a text or an image as long as scenarios use distinct seeds.
+    With ``hostile_every`` = k > 0, every k-th timed episode that takes two or more turns answers
     ``hostile_answer`` in its first tool call instead of a plain wrong answer.
     """
     from envs.geo3k.sample_data import generate_problems
     from rollout.engines.sglang_client import SGLangClient
+    from rollout.image_cache import predicted_pad_count
     from rollout.prompts import build_sample
 
+    warm = settings.prompts if warm_prompts is None else warm_prompts
     rng = random.Random(settings.seed)
     tok = processing.tokenizer
-    problems = generate_problems(settings.prompts, seed=settings.seed)
+    problems = generate_problems(warm + settings.prompts, seed=settings.seed)
     client = SGLangClient("http://127.0.0.1:1")  # never connects: only its image encoding is used
-    prompts, labels, images, prompt_ids, image_uris = [], [], [], [], []
-    for problem in problems:
-        prompt = build_sample(problem.problem, [problem.image], problem.answer, tok).prompt
+    prompts, labels, images, prompt_ids, image_uris, pad_counts = [], [], [], [], [], []
+    for index, problem in enumerate(problems):
+        text = f"(Problem {settings.seed}-{index}) {problem.problem}"
+        prompt = build_sample(text, [problem.image], problem.answer, tok).prompt
         prompts.append(prompt)
         labels.append(problem.answer)
         images.append(problem.image)
         prompt_ids.append(processing.compress_image_pads(processing.encode_trusted(prompt)))
         image_uris.append(client.prepare_image(problem.image))  # exactly what the client will send
+        pad_counts.append(predicted_pad_count(processing, problem.image))
 
     filler = processing.encode_plain(FILLER * 8)
     eos = processing.eos_token_id
     plans: list[list[EpisodePlan]] = []
     multi_turn = 0
-    for p in range(settings.prompts):
+    for p in range(len(problems)):
         group = []
         for s in range(settings.samples):
             turns = rng.choices(
                 range(1, settings.max_turns + 1), weights=settings.turn_weights[: settings.max_turns]
             )[0]
             kinds = _plan_kinds(turns, settings.max_turns, rng)
-            if turns >= 2:
+            if turns >= 2 and p >= warm:
                 multi_turn += 1
                 if hostile_every and multi_turn % hostile_every == 0:
                     kinds[0] = "hostile"
@@ -314,11 +343,13 @@ def build_workload(
         plans.append(group)
     return Workload(
         settings=settings,
+        warm_prompts=warm,
         prompts=prompts,
         labels=labels,
         images=images,
         prompt_ids=prompt_ids,
         image_uris=image_uris,
+        pad_counts=pad_counts,
         plans=plans,
         assistant_header=processing.encode_trusted("<|im_start|>assistant\n"),
         im_start_id=tok.convert_tokens_to_ids("<|im_start|>"),
@@ -365,6 +396,8 @@ class ScriptedServer:
     def __init__(self, script: dict[str, Any]) -> None:
         keys = zip(script["prompt_ids"], script["image_uris"], strict=True)
         self.prompts = {(tuple(ids), uri): p for p, (ids, uri) in enumerate(keys)}
+        # SGLang reports prompt_tokens after expanding each image's single pad to its pad count.
+        self.extra_pads = {uri: n - 1 for uri, n in zip(script["image_uris"], script["pad_counts"], strict=True)}
         self.replies = script["replies"]
         self.index: dict[tuple[int, ...], tuple[int, int, int]] = {}
         for p, group in enumerate(self.replies):
@@ -420,7 +453,7 @@ class ScriptedServer:
         meta = {
             "id": f"{p}.{s}.{t}",
             "finish_reason": {"type": "stop", "matched": self.eos},
-            "prompt_tokens": len(ids),
+            "prompt_tokens": len(ids) + sum(self.extra_pads.get(uri, 0) for uri in images),
             "completion_tokens": len(reply_ids),
             "cached_tokens": 0,
             "weight_version": "bench",
@@ -856,7 +889,8 @@ def check_against_plan(workload: Workload, outs: list[Any]) -> dict[str, Any]:
             (len(turns), tuple(t["model_tokens"] for t in turns), float(out.metadata["outcome"]["score"]))
         )
     matched = 0
-    for p, group in enumerate(workload.plans):
+    for p in workload.timed_prompts():
+        group = workload.plans[p]
         want = sorted((plan.turns, tuple(plan.tokens), 1.0 if plan.solved else 0.0) for plan in group)
         got = sorted(by_prompt.get(p, []))
         matched += sum(1 for a, b in zip(want, got, strict=False) if a == b)
@@ -910,9 +944,7 @@ def analyse(workload: Workload, records: list[list[Any]], outs, done_at, started
     }
 
 
-async def run_scenario(
-    name: str, workload: Workload, grading_timeout_s: float, warm_batch: bool
-) -> dict[str, Any]:
+async def run_scenario(name: str, workload: Workload, grading_timeout_s: float) -> dict[str, Any]:
     from envs.grading import get_default_grader
     from rollout.runtime import default_runtime
 
@@ -920,14 +952,16 @@ async def run_scenario(
     server = ServerProcess(workload)
     try:
         args = rollout_args(server.port, settings, grading_timeout_s)
-        # Warm-up: template pieces, env threads, connections, grading workers' caches; with
-        # warm_batch a whole untimed batch, so that the process heap has grown to a batch's size
-        # (a training run rolls out batch after batch in one process: steady state, not first touch).
-        warm = workload.samples() if warm_batch else workload.samples()[: settings.samples]
+        # Warm-up on other prompts and images: imports, env threads, connections, the heap grown
+        # to a batch's size (a training run rolls out batch after batch in one process), but no
+        # cache entry the timed batch could hit: each training step brings new prompts and images.
+        warm = workload.samples(range(workload.warm_prompts))
         await run_batch(warm, args, settings.samples)
         del warm
         await server.call("POST", "/reset")
         samples = workload.samples()
+        cache = default_runtime().image_cache
+        hits_before, misses_before = cache.hits, cache.misses
         load_before = load_average()
         ticker = StallTicker()
         ticker.start()
@@ -948,6 +982,7 @@ async def run_scenario(
             probes.close()
             gc_watch.close()
         loop_cpu = thread_cpu_s() - loop_cpu_before
+        image_cache = {"hits": cache.hits - hits_before, "misses": cache.misses - misses_before}
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         rss_after = vm_rss_mb()
         sampler.stop()
@@ -969,6 +1004,7 @@ async def run_scenario(
         "wall_s": wall,
         "ideal_s": ideal,
         "wall_over_ideal": wall / ideal,
+        "image_cache_in_timed_batch": image_cache,
         "ideal_with_grading_timeouts_s": workload.ideal_s(grading_timeout_s) if hostile else ideal,
         "grading_workers_before_after": [workers_before, len(get_default_grader().worker_pids())],
         "cpu_s": (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime),
@@ -1067,7 +1103,8 @@ def print_report(settings: Settings, results: list[dict[str, Any]], config: dict
             if w["other_thread_stacks"]:
                 print(f"  {w['at_s']:.2f} s, other threads were in: " + " | ".join(w["other_thread_stacks"]))
     for r in results:
-        print(f"\n{r['scenario']}: statuses {r['statuses']}; server errors {r['server_errors'] or 'none'}")
+        print(f"\n{r['scenario']}: statuses {r['statuses']}; server errors {r['server_errors'] or 'none'}; "
+              f"image cache in the timed batch: {r['image_cache_in_timed_batch']}")  # fmt: skip
         if r["episodes_matching_plan"] != r["episodes"] or r["server_errors"]:
             print("WARNING: episodes did not follow the script; the timings above are not comparable")
 
@@ -1100,9 +1137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenarios", default="clean,hostile")
     parser.add_argument("--hostile-answer", default=HOSTILE_ANSWER, help="what hostile episodes answer first")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--cold", action="store_true", help="skip the untimed warm-up batch before the first scenario"
-    )
+    parser.add_argument("--warm-prompts", type=int, default=None,
+                        help="prompts of the untimed warm-up batch (default: as many as timed; none is reused)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -1141,14 +1177,16 @@ def main(argv: list[str] | None = None) -> None:
     processing = default_runtime().processing.get(CHECKPOINT)
     scenarios = [s.strip() for s in opts.scenarios.split(",") if s.strip()]
     results = []
-    for name in scenarios:
+    for k, name in enumerate(scenarios):
+        # A seed per scenario: the scenarios run in one process and must not share prompts or images.
         workload = build_workload(
             processing,
-            settings,
+            dataclasses.replace(settings, seed=settings.seed + 1000 * k),
             hostile_every=opts.hostile_every if name == "hostile" else 0,
             hostile_answer=opts.hostile_answer,
+            warm_prompts=opts.warm_prompts,
         )
-        results.append(asyncio.run(run_scenario(name, workload, opts.grading_timeout, warm_batch=not opts.cold)))
+        results.append(asyncio.run(run_scenario(name, workload, opts.grading_timeout)))
     default_runtime().shutdown()
     config = {
         "episodes": f"{settings.prompts} prompts x {settings.samples} samples, max_turns {settings.max_turns}",

@@ -62,7 +62,7 @@ async def _measure(n: int, hold_turn: int) -> dict:
     settings = Settings(prompts=max(1, n // 8), samples=8, min_tokens=100, max_tokens=300, ms_per_token=1.0,
                         turn_weights=(0.0, 0.0, 1.0))  # fmt: skip
     processing = default_runtime().processing.get(CHECKPOINT)
-    workload = build_workload(processing, settings)
+    workload = build_workload(processing, settings, warm_prompts=1)
     server = ServerProcess(workload)
     encoded = {"calls": 0, "chars": 0}
     real_data_uri = client._data_uri
@@ -75,7 +75,7 @@ async def _measure(n: int, hold_turn: int) -> dict:
 
     try:
         args = rollout_args(server.port, settings, grading_timeout_s=5.0)
-        warm, _ = await run_batch(workload.samples()[:8], args, 8)
+        warm, _ = await run_batch(workload.samples(range(1)), args, 8)  # another prompt and image
         del warm
         await server.call("POST", "/reset")
         samples = workload.samples()

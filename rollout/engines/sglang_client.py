@@ -28,12 +28,14 @@ import aiohttp
 import orjson
 from PIL import Image
 
-from envs.images import to_data_uri
+from envs.images import engine_data_uri
 from rollout.engines.base import FINISH_ABORT, EngineError, GenerateResult, ImageInput
 
 
 def _data_uri(image: Image.Image) -> str:
-    return to_data_uri(image)
+    """The image's original file when it still holds its pixels, else a fast lossless PNG
+    (envs.images.engine_image): SGLang decodes either with PIL to exactly these pixels."""
+    return engine_data_uri(image)
 
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
