@@ -79,7 +79,10 @@ class PixelRule:
 
     def __init__(self, image_processor: Any) -> None:
         size = image_processor.size
-        self.min_pixels, self.max_pixels = _size_value(size, "shortest_edge"), _size_value(size, "longest_edge")
+        self.min_pixels, self.max_pixels = (
+            _size_value(size, "shortest_edge"),
+            _size_value(size, "longest_edge"),
+        )
         self.patch = int(image_processor.patch_size)
         self.merge = int(image_processor.merge_size)
         self.temporal = int(image_processor.temporal_patch_size)
@@ -109,7 +112,9 @@ class PixelRule:
 
         width, height = image.size
         factor = self.patch * self.merge
-        new_h, new_w = smart_resize(height, width, factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        new_h, new_w = smart_resize(
+            height, width, factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+        )
         if (new_w, new_h) != (width, height):
             image = image.resize((new_w, new_h), resample=self.resample)
         p, m, t = self.patch, self.merge, self.temporal
@@ -124,7 +129,9 @@ class PixelRule:
             values = self.table[channel].take(blocks[channel])
             for frame in range(t):
                 out[:, channel, frame] = values
-        return torch.from_numpy(out.reshape(gh * gw, 3 * t * p * p)), torch.tensor([[1, gh, gw]], dtype=torch.int64)
+        return torch.from_numpy(out.reshape(gh * gw, 3 * t * p * p)), torch.tensor(
+            [[1, gh, gw]], dtype=torch.int64
+        )
 
 
 def _size_value(size: Any, key: str) -> int:
@@ -132,7 +139,9 @@ def _size_value(size: Any, key: str) -> int:
     return int(value)
 
 
-def _process(processing: Any, image: Image.Image, pad_count: int | None, rule: PixelRule | None = None) -> ImageTensors:
+def _process(
+    processing: Any, image: Image.Image, pad_count: int | None, rule: PixelRule | None = None
+) -> ImageTensors:
     if rule is not None and image.mode == "RGB":
         pixel_values, grid = rule(image)
     else:
@@ -187,7 +196,10 @@ class ProcessedImageCache:
         expected = _process(processing, image, pad_count)
         if rule is not None:
             pixel_values, grid = rule(image)
-            if not (torch.equal(pixel_values, expected.pixel_values) and torch.equal(grid, expected.image_grid_thw)):
+            if not (
+                torch.equal(pixel_values, expected.pixel_values)
+                and torch.equal(grid, expected.image_grid_thw)
+            ):
                 rule = None
         self._rules[key] = rule
         return expected

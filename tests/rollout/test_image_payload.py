@@ -154,7 +154,9 @@ async def test_what_sglang_is_sent_is_what_the_trainer_trains_on(tmp_path, qwen2
         args = make_args(engine, rollout_interaction_env_path=TEST_ENVS, env_kwargs={"kind": "image"})
         path = _file(tmp_path, _photo(140, 112), "prompt.jpg", quality=85)
         content = [{"type": "image"}, {"type": "text", "text": "Find x."}]
-        prompt = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+        )
         sample = Sample(prompt=prompt, multimodal_inputs={"images": [load_image(path)]}, label="5")
         out = await run_episode(runtime.context(args), args, sample, {})
         await runtime.aclose()
