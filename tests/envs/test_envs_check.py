@@ -11,7 +11,15 @@ from envs.check import Violation, check_env_module, check_message, main, step_in
 from envs.grading import Grader
 
 CASES = [name for name, _ in step_inputs()]
-ALL_STEPS = [*CASES, "valid call (episode 1)", "valid call (episode 2)"]
+EPISODES = ["valid call (episode 1)", "valid call (episode 2)"]
+ALL_STEPS = [*CASES, *EPISODES]
+#: What the checker generates from geo3k's calc_score schema.
+CALC_SCORE_CASES = [
+    "calc_score: valid",
+    "calc_score: no answer",
+    "calc_score: answer of the wrong type",
+    "unknown tool",
+]
 RAISE_ADVICE = "step must turn any model text into feedback, never raise"
 
 
@@ -31,8 +39,10 @@ def test_geo3k_passes(grader: Grader) -> None:
     assert report.errors == []
     assert report.warnings == []
     assert report.ok
-    assert [t.case for t in report.timings] == ALL_STEPS
+    assert [t.case for t in report.timings] == [*CASES, *CALC_SCORE_CASES, *EPISODES]
+    assert report.reward_sources == {"outcome.score", "info['score']"}
     outcomes = {t.case: t.outcome for t in report.timings}
+    assert [outcomes[c] for c in CALC_SCORE_CASES] == ["done=True", "done=False", "done=False", "done=False"]
     # label "3": a correct call and a correct final answer end the episode; a wrong one does not.
     assert (outcomes["valid call"], outcomes["wrong answer"], outcomes["final boxed answer"]) == (
         "done=True",
@@ -71,12 +81,17 @@ def test_battery_covers_the_hostile_inputs() -> None:
     ]
 
 
+NO_TOOLS_WARNING = (
+    "TOOLS: the module declares no TOOLS; the rollout renders the module's TOOLS into prompts "
+    "(tools_in_prompt), and the checker can only guess how to call the env"
+)
+
+
 def test_slime_style_env_passes_with_a_warning_about_tools(fixtures_dir: Path) -> None:
     report = check_env_module(str(fixtures_dir / "good_sync_env.py"))
     assert report.ok
-    assert [str(w) for w in report.warnings] == [
-        "env.tools: the env declares no tools; chat templates render tools=env.tools into the prompt"
-    ]
+    assert [str(w) for w in report.warnings] == [NO_TOOLS_WARNING]
+    assert report.reward_sources == {"info['score']"}
 
 
 def test_async_env_with_images_passes(fixtures_dir: Path) -> None:
@@ -92,26 +107,32 @@ def test_env_that_raises_on_model_text(fixtures_dir: Path) -> None:
     assert _errors(report) == [
         (
             "step",
-            f"raised IndexError: list index out of range at {path}:15; {RAISE_ADVICE}",
+            f"raised IndexError: list index out of range at {path}:20; {RAISE_ADVICE}",
             ["garbage", "empty", "whitespace", "final boxed answer"],
         ),
         (
             "step",
             "raised JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 52 "
-            f"(char 51) at {path}:16; {RAISE_ADVICE}",
+            f"(char 51) at {path}:21; {RAISE_ADVICE}",
             ["malformed JSON"],
         ),
         (
             "step",
             "raised JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 "
-            f"(char 1) at {path}:16; {RAISE_ADVICE}",
+            f"(char 1) at {path}:21; {RAISE_ADVICE}",
             ["single quotes", "nested braces"],
         ),
         (
             "step",
             "raised RecursionError: maximum recursion depth exceeded while decoding a JSON array from a unicode "
-            f"string at {path}:16; {RAISE_ADVICE}",
+            f"string at {path}:21; {RAISE_ADVICE}",
             ["nested arrays"],
+        ),
+        # Generated from its TOOLS: the call without its required argument.
+        (
+            "step",
+            f"raised KeyError: 'answer' at {path}:21; {RAISE_ADVICE}",
+            ["calc_score: no answer", "unknown tool"],
         ),
     ]
 
@@ -119,20 +140,21 @@ def test_env_that_raises_on_model_text(fixtures_dir: Path) -> None:
 def test_env_with_wrong_shapes_and_a_bad_message(fixtures_dir: Path) -> None:
     report = check_env_module(str(fixtures_dir / "bad_shapes_env.py"))
     text_cases = ["garbage", "whitespace", "final boxed answer"]
-    call_cases = [c for c in ALL_STEPS if c not in (*text_cases, "empty")]
+    steps = [*CASES, "calc_score: valid", "unknown tool", *EPISODES]
+    call_cases = [c for c in steps if c not in (*text_cases, "empty")]
     assert _errors(report) == [
-        ("reset()", "returned a dict; expected a tuple (observation: dict, info: dict)", ALL_STEPS),
+        ("reset()", "returned a dict; expected a tuple (observation: dict, info: dict)", steps),
         ("step", "returned done of type int; expected a bool", call_cases),
         ("step", "info is a NoneType; expected a dict", call_cases),
         (
             "format_observation",
             "content part 0 has type 'img'; expected 'text' or 'image'",
-            [c for c in ALL_STEPS if c != "empty"],
+            [c for c in steps if c != "empty"],
         ),
         (
             "format_observation",
-            "content part 1 (image) needs 'image' as a PIL.Image.Image, got str",
-            [c for c in ALL_STEPS if c != "empty"],
+            "content part 1 (image) cannot be loaded: image file y.png does not exist",
+            [c for c in steps if c != "empty"],
         ),
         ("step", "observation['obs_str'] is a list of 3 (str, str, str); expected a str", text_cases),
         (
@@ -243,7 +265,7 @@ def test_cli_exit_status_and_report(fixtures_dir: Path, capsys) -> None:
     assert out.startswith(f"Checking env module {fixtures_dir / 'good_sync_env.py'}\n  step times:\n")
     assert out.rstrip().endswith("PASS: 0 error(s), 1 warning(s)")
     assert main([str(fixtures_dir / "raising_env.py")]) == 1
-    assert capsys.readouterr().out.rstrip().endswith("FAIL: 4 error(s), 0 warning(s)")
+    assert capsys.readouterr().out.rstrip().endswith("FAIL: 5 error(s), 0 warning(s)")
 
 
 def test_cli_passes_kwargs_to_build_env(capsys) -> None:

@@ -527,7 +527,9 @@ _XML_TEXTS = st.one_of(
     st.text(max_size=40).map(lambda s: format_call("calc_score", {"answer": s}, "xml")),
     st.lists(
         st.one_of(
-            st.sampled_from(["<function=", "</function>", "<parameter=", "answer>", "</parameter>", "calc_score>"]),
+            st.sampled_from(
+                ["<function=", "</function>", "<parameter=", "answer>", "</parameter>", "calc_score>"]
+            ),
             _FRAGMENTS,
             st.text(max_size=4),
         ),
