@@ -7,7 +7,14 @@ observation encoding, processor calls, tool-call parsing, grading and bookkeepin
 - geo3k text turn: ``envs.geo3k`` (parse the tool call, grade it in a worker process, feedback text);
 - text turn, no grading: the test suite's TextFeedbackEnv (a fixed text observation), i.e. the
   rollout's own per-turn cost;
-- image-observation turn: the test suite's ImageFeedbackEnv (a 56x84 image every turn).
+- image-observation turn: ``bench/bench_envs.py``'s NewImageEnv (a new 448x448 diagram every turn).
+
+As in training, nothing is served from a warm cache: every episode has its own prompt text and its
+own new 448x448 prompt image (the warm-up episodes too), and every image observation is a new image.
+The engine encodes images with the SGLang client's own ``prepare_image`` (what a request to SGLang
+carries), once per image as the episode asks. The first row times the real prompt encoding
+(``rollout.episode._encode_prompt``: template ids, image lookup, engine payload) plus the prompt
+image's background processing, in CPU time of the whole process.
 
 Per-turn overhead = (time inside the episode's turn loop - engine time) / turns. Per-episode fixed
 costs (prompt encoding with a 448x448 image, env build/reset/close, finishing the sample) are
@@ -47,7 +54,7 @@ PRESETS = {"Qwen2.5-VL": "tiny-qwen2.5-vl", "Qwen3-VL": "tiny-qwen3-vl"}
 CASES = {
     "geo3k text turn": ("envs.geo3k", {}),
     "text turn, no grading": (str(TEST_ENVS), {"kind": "text"}),
-    "image-observation turn": (str(TEST_ENVS), {"kind": "image"}),
+    "new image every turn": (str(HERE / "bench_envs.py"), {}),
 }
 
 
@@ -55,9 +62,13 @@ class ZeroLatencyEngine:
     """Answers instantly with pre-tokenized replies (cycled); counts its own time."""
 
     def __init__(self, tokenizer, replies):
+        from rollout.engines.sglang_client import SGLangClient
+
         self.replies = [(text, tokenizer.encode(text, add_special_tokens=False)) for text in replies]
         self.calls = 0
         self.time_s = 0.0
+        # What a request to SGLang carries for each image (the client never connects here).
+        self.prepare_image = SGLangClient("http://127.0.0.1:1").prepare_image
 
     async def generate(self, input_ids, images, sampling_params):
         from rollout.engines.base import GenerateResult
@@ -72,11 +83,21 @@ class ZeroLatencyEngine:
 
 
 def diagram(size=448):
-    from PIL import Image, ImageDraw
+    """A new diagram at every call: no two episodes share a prompt image."""
+    from bench_envs import new_diagram
 
-    image = Image.new("RGB", (size, size), "white")
-    ImageDraw.Draw(image).polygon([(40, 400), (400, 400), (400, 60)], outline="black", width=3)
-    return image
+    return new_diagram(size)
+
+
+_PROMPTS = iter(range(1 << 62))
+
+
+def new_prompt(tokenizer) -> str:
+    """A prompt text no earlier episode had (the prompt-ids cache starts cold, as for a new step)."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Find x in figure {next(_PROMPTS)}."}]}],
+        tokenize=False, add_generation_prompt=True,
+    )  # fmt: skip
 
 
 def call(answer):
@@ -186,17 +207,14 @@ class Timers:
             setattr(owner, name, original)
 
 
-async def run_episodes(runtime, args, tokenizer, n, image):
+async def run_episodes(runtime, args, tokenizer, n):
     from rollout.episode import run_episode
     from rollout.sample import Sample
 
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Find x."}]}],
-        tokenize=False, add_generation_prompt=True,
-    )  # fmt: skip
+    made = [(new_prompt(tokenizer), diagram()) for _ in range(n)]  # made before the clock starts
     turns = 0
     started = time.perf_counter()
-    for i in range(n):
+    for i, (prompt, image) in enumerate(made):
         sample = Sample(prompt=prompt, multimodal_inputs={"images": [image]}, label="5", index=i)
         ctx = runtime.context(args)
         await run_episode(ctx, args, sample, {"temperature": 1.0})
@@ -245,28 +263,27 @@ def fresh_grading_ms(n: int = 40) -> float:
 
 
 async def measure(family, checkpoint, episodes, profile):
+    from rollout.episode import _encode_prompt
     from rollout.runtime import RolloutRuntime
+    from rollout.sample import Sample
 
     runtime = RolloutRuntime()
     processing = runtime.processing.get(checkpoint)
     tok = processing.tokenizer
-    image = diagram()
     rows: dict[str, float] = {}
     splits: dict[str, dict[str, float]] = {}
 
-    # The prompt with one 448x448 image: tokenize, process the image, expand the pads.
-    prompt = tok.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Find x."}]}],
-        tokenize=False, add_generation_prompt=True,
-    )  # fmt: skip
-    samples = []
-    for _ in range(20):
-        started = time.perf_counter()
-        mm = processing.process_images([image])
-        pads = processing.pads_per_image(mm["image_grid_thw"])
-        processing.expand_image_pads(processing.encode_trusted(prompt), pads)
-        samples.append(time.perf_counter() - started)
-    rows["prompt with a 448x448 image"] = statistics.median(samples) * 1e3
+    # The real prompt encoding of a new prompt with a new 448x448 image, and that image's
+    # processing on the background thread: CPU time of the whole process, per prompt.
+    ctx = runtime.context(make_args(ZeroLatencyEngine(tok, ["x"]), checkpoint, "envs.geo3k", {}))
+    for n, key in ((3, None), (40, "prompt with a new 448x448 image (CPU)")):
+        made = [Sample(prompt=new_prompt(tok), multimodal_inputs={"images": [diagram()]}) for _ in range(n)]
+        started = time.process_time()
+        for sample in made:
+            for entry in _encode_prompt(ctx, sample).entries:
+                entry.tensors.result()
+        if key is not None:
+            rows[key] = (time.process_time() - started) / n * 1e3
 
     profile_text = None
     for name, (env_path, env_kwargs) in CASES.items():
@@ -274,14 +291,14 @@ async def measure(family, checkpoint, episodes, profile):
         args = make_args(engine, checkpoint, env_path, env_kwargs)
         timers = Timers(profile=profile and name == "geo3k text turn")
         try:
-            await run_episodes(runtime, args, tok, 3, image)  # warm caches, start grading workers
+            await run_episodes(runtime, args, tok, 3)  # imports, threads, grading workers (other prompts)
             engine.time_s = 0.0
             timers.active = True
-            wall, turns = await run_episodes(runtime, args, tok, episodes, image)
+            wall, turns = await run_episodes(runtime, args, tok, episodes)
             timers.active = False
             if timers.loop_profile is not None:
                 timers.profiling = True
-                await run_episodes(runtime, args, tok, episodes, image)
+                await run_episodes(runtime, args, tok, episodes)
                 timers.profiling = False
         finally:
             timers.restore()

@@ -125,7 +125,8 @@ def fast_png(image: Image.Image) -> bytes:
         return encode_png(image)
     width, height = image.size
     channels = 3 if image.mode == "RGB" else 1
-    rows = np.zeros((height, width * channels + 1), dtype=np.uint8)  # column 0: filter type 0 (none)
+    rows = np.empty((height, width * channels + 1), dtype=np.uint8)
+    rows[:, 0] = 0  # each row's filter type: none
     rows[:, 1:] = np.asarray(image).reshape(height, width * channels)
     header = struct.pack(">IIBBBBB", width, height, 8, 2 if channels == 3 else 0, 0, 0, 0)
     return b"".join(
