@@ -3,8 +3,8 @@
 Every request carries its own 448x448 image (one pad in the prompt, expanded by the engine) and
 samples exactly ``--new-tokens`` tokens (temperature 1, EOS ignored). A batch of B requests is sent
 concurrently with ``max_batch_size=B``, so it runs as one engine batch; the time is end to end per
-batch (image decoding and processing, prefill, decode), the best of ``--repeats`` runs after a
-warm-up.
+batch (image decoding and processing, prefill, decode), the median of ``--repeats`` runs after a
+warm-up (``--baseline-generate``: the same for ``model.generate``).
 
     # CPU, tiny offline models
     python bench/engine_throughput.py --model tiny-qwen2.5-vl --batch-sizes 1,8,32 --new-tokens 64
@@ -27,6 +27,7 @@ import asyncio
 import json
 import platform
 import socket
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -233,13 +234,17 @@ def random_init_config(shape: Shape, tokenizer):
     )
 
 
-def bench_policy(model: str, random_init_shape: str | None, device: str, dtype: torch.dtype) -> tuple[Policy, str]:
+def bench_policy(
+    model: str, random_init_shape: str | None, device: str, dtype: torch.dtype
+) -> tuple[Policy, str]:
     """The policy a benchmark runs and its name in the tables: a preset or checkpoint, or random
     weights of a real model's shape (``--random-init-shape``)."""
     from models.loader import load_policy
 
     if random_init_shape:
-        return random_init_policy(SHAPES[random_init_shape], device, dtype), f"random-init {random_init_shape}"
+        return random_init_policy(
+            SHAPES[random_init_shape], device, dtype
+        ), f"random-init {random_init_shape}"
     return load_policy(model, device=device, dtype=dtype), model
 
 
@@ -273,37 +278,35 @@ class Row:
     tokens_per_s: float
     # transformers' own `model.generate` on the same batch, for reference (``--baseline-generate``).
     generate_tokens_per_s: float | None = None
+    seconds_per_run: list[float] | None = None
 
 
-def plain_generate_tokens_per_s(policy: Policy, text: str, batch: int, new_tokens: int, offset: int) -> float:
-    """Time ``model.generate`` (sampling, top-k off, exactly ``new_tokens`` each) on ``batch`` prompts."""
+def plain_generate_seconds(
+    policy: Policy, text: str, images: list[Image.Image], new_tokens: int
+) -> tuple[int, float]:
+    """Generated tokens and seconds of ``model.generate`` (sampling, top-k off, exactly
+    ``new_tokens`` each) on one prompt per image. The timer holds what the engine's does: image
+    processing, prefill and decode."""
     policy.processor.tokenizer.padding_side = "left"
-    inputs = policy.processor(
-        text=[text] * batch,
-        images=[diagram(offset + i) for i in range(batch)],
-        return_tensors="pt",
-        padding=True,
-    ).to(policy.model.device)
     kwargs = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
                   min_new_tokens=new_tokens)  # fmt: skip
     with torch.no_grad():
-        policy.model.generate(**inputs, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         started = time.perf_counter()
+        inputs = policy.processor(text=[text] * len(images), images=images, return_tensors="pt", padding=True)
+        inputs = inputs.to(policy.model.device)
         out = policy.model.generate(**inputs, **kwargs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    generated = (out.shape[1] - inputs["input_ids"].shape[1]) * batch
-    return generated / (time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+    return (out.shape[1] - inputs["input_ids"].shape[1]) * len(images), seconds
 
 
-async def _one_batch(engine: LocalEngine, prompt_ids: list[int], batch: int, new_tokens: int, offset: int):
+async def _one_batch(engine: LocalEngine, prompt_ids: list[int], images: list[Image.Image], new_tokens: int):
     params = {"temperature": 1.0, "max_new_tokens": new_tokens, "ignore_eos": True}
     started = time.perf_counter()
-    results = await asyncio.gather(
-        *(engine.generate(prompt_ids, [diagram(offset + i)], params) for i in range(batch))
-    )
+    results = await asyncio.gather(*(engine.generate(prompt_ids, [image], params) for image in images))
     seconds = time.perf_counter() - started
     if any(r.finish_reason != "length" for r in results):
         reasons = sorted({str(r.meta_info["finish_reason"]) for r in results})
@@ -314,6 +317,10 @@ async def _one_batch(engine: LocalEngine, prompt_ids: list[int], batch: int, new
 async def run_benchmark(
     policy: Policy, batch_sizes: list[int], new_tokens: int, repeats: int, baseline: bool = False
 ) -> list[Row]:
+    """Each batch size: a warm-up, then ``repeats`` timed batches, the median reported (every run is
+    in ``seconds_per_run``). With ``baseline``, ``model.generate`` gets the same: its own warm-up,
+    as many timed runs, the median, and new images for every run on both sides (drawn before the
+    timer; image processing inside it on both sides)."""
     messages = [
         {
             "role": "user",
@@ -324,18 +331,27 @@ async def run_benchmark(
     prompt_ids = policy.tokenizer(text)["input_ids"]
     rows = []
     for batch in batch_sizes:
+        runs = []
         async with LocalEngine(policy, max_batch_size=batch, batch_wait_ms=1000.0) as engine:
-            await _one_batch(engine, prompt_ids, 1, 2, offset=10_000)  # warm-up
-            best = None
+            await _one_batch(engine, prompt_ids, [diagram(10_000)], 2)  # warm-up
             for repeat in range(repeats):
-                results, seconds = await _one_batch(
-                    engine, prompt_ids, batch, new_tokens, offset=repeat * batch
-                )
-                if best is None or seconds < best[1]:
-                    best = (results, seconds)
+                images = [diagram(repeat * batch + i) for i in range(batch)]
+                runs.append(await _one_batch(engine, prompt_ids, images, new_tokens))
             assert engine.stats["max_batch_rows"] == batch, engine.stats
-        results, seconds = best
+        seconds_per_run = [seconds for _, seconds in runs]
+        results = runs[0][0]
         generated = sum(len(r.token_ids) for r in results)
+        seconds = statistics.median(seconds_per_run)
+        generate_tokens_per_s = None
+        if baseline:
+            plain_generate_seconds(policy, text, [diagram(20_000)], 2)  # warm-up
+            plain = [
+                plain_generate_seconds(
+                    policy, text, [diagram(50_000 + repeat * batch + i) for i in range(batch)], new_tokens
+                )
+                for repeat in range(repeats)
+            ]
+            generate_tokens_per_s = round(plain[0][0] / statistics.median(s for _, s in plain), 1)
         rows.append(
             Row(
                 batch_size=batch,
@@ -344,14 +360,15 @@ async def run_benchmark(
                 generated_tokens=generated,
                 seconds=round(seconds, 3),
                 tokens_per_s=round(generated / seconds, 1),
-                generate_tokens_per_s=(
-                    round(plain_generate_tokens_per_s(policy, text, batch, new_tokens, offset=50_000), 1)
-                    if baseline
-                    else None
-                ),
+                generate_tokens_per_s=generate_tokens_per_s,
+                seconds_per_run=[round(x, 3) for x in seconds_per_run],
             )
         )
-        print(f"batch {batch}: {generated} tokens in {seconds:.2f} s", file=sys.stderr, flush=True)
+        print(
+            f"batch {batch}: {generated} tokens in {seconds:.2f} s (median of {repeats})",
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
