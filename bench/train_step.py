@@ -4,10 +4,16 @@ Builds a policy with random weights of a real shape (or loads a preset), fabrica
 ``--samples`` episodes (a 448x448 image prompt and ``--response-tokens`` response tokens each, a
 third of them env tokens with loss mask 0), and runs ``trainer.update.policy_update`` on it, the
 same function the local trainer calls. Prints a markdown table and writes
-bench/results/train_step-<host>-<date>.json.
+bench/results/train_step-<host>-<date>.json. Peak memory is ``torch.cuda.max_memory_allocated``
+over the last timed update (the optimizer state exists by then); reserved memory is reported too.
 
     python bench/train_step.py --random-init-shape qwen2.5-vl-3b --device cuda --samples 8 \\
-        --response-tokens 1024 --micro-batch-size 1 --gradient-checkpointing
+        --response-tokens 1024 --micro-batch-size 1
+
+``--gradient-checkpointing`` is the trainer's setting: auto (the default: on for models over 1B
+parameters on CUDA), on or off. ``--checkpoint-dir DIR`` also writes one trainer checkpoint after
+the updates and reports its size and the seconds it took (``--checkpoint-optimizer`` includes the
+optimizer state, 12 bytes a parameter).
 
 ``--grpo-steps N`` runs N whole GRPO steps of the local backend instead (the trainer's own pieces:
 the in-process engine, geo3k episodes over generated sample problems, group advantages,
@@ -16,8 +22,7 @@ the in-process engine, geo3k episodes over generated sample problems, group adva
 0.1. The loop is ``trainer.loop.train`` without its parquet reader and checkpoint writes (a
 random-weight model has no checkpoint to load; writing 90 GB of optimizer state is not the point):
 
-    python bench/train_step.py --random-init-shape qwen3.5-4b --device cuda --grpo-steps 2 \\
-        --gradient-checkpointing
+    python bench/train_step.py --random-init-shape qwen3.5-4b --device cuda --grpo-steps 2
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from models.loader import default_dtype  # noqa: E402
 from trainer.batch import TrainSample  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.optim import MasterWeightAdamW  # noqa: E402
-from trainer.update import policy_update  # noqa: E402
+from trainer.update import policy_update, prepare_for_training  # noqa: E402
+
+_CHECKPOINTING = {"auto": "auto", "on": True, "off": False}
 
 
 def fabricate_rollout(policy, samples: int, response_tokens: int, seed: int = 0) -> list[TrainSample]:
@@ -93,13 +100,16 @@ def grpo_mismatch(policy, name: str, args, device: str) -> dict:
 
         plugin = Path(tempfile.mkdtemp()) / "image_feedback.yaml"
         env_file = HERE.parent / "tests" / "rollout" / "envs_for_tests.py"
-        plugin.write_text(f"max_turns: 3\nrollout_interaction_env_path: {env_file}\nenv_kwargs: {{kind: image}}\n")
+        plugin.write_text(
+            f"max_turns: 3\nrollout_interaction_env_path: {env_file}\nenv_kwargs: {{kind: image}}\n"
+        )
         extra["custom_config_path"] = str(plugin)
     cfg = TrainConfig.from_dict(
         dict(**extra, rollout_batch_size=args.prompts, n_samples_per_prompt=args.samples,
              rollout_max_response_len=args.response_tokens, max_tokens_per_turn=args.tokens_per_turn,
-             micro_batch_size=args.micro_batch_size, gradient_checkpointing=args.gradient_checkpointing,
-             lr=1e-6, progress=False, device=device, engine_max_batch_size=args.prompts * args.samples)
+             micro_batch_size=args.micro_batch_size, gradient_checkpointing=_CHECKPOINTING[args.gradient_checkpointing],
+             freeze_vision=args.freeze_vision, lr=1e-6, progress=False, device=device,
+             engine_max_batch_size=args.prompts * args.samples)
     )  # fmt: skip
     diffs: list[torch.Tensor] = []
     record = trainer.update._Mismatch.add
@@ -109,8 +119,7 @@ def grpo_mismatch(policy, name: str, args, device: str) -> dict:
         diffs.append((train.detach().float().cpu() - rollout).abs()[mask > 0])
 
     trainer.update._Mismatch.add = add
-    if args.gradient_checkpointing:
-        policy.model.gradient_checkpointing_enable()
+    prepare_for_training(policy.model, cfg)
     optimizer = MasterWeightAdamW(policy.model, cfg)
     engine = LocalEngine(policy, max_batch_size=cfg.engine_max_batch_size, seed=cfg.seed)
     rollout_settings = rollout_args(cfg, TurnSeededEngine(engine), str(policy.path))
@@ -181,13 +190,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--response-tokens", type=int, default=1024)
     parser.add_argument("--micro-batch-size", type=int, default=1)
-    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument(
+        "--gradient-checkpointing", nargs="?", const="on", default="auto", choices=sorted(_CHECKPOINTING)
+    )
+    parser.add_argument("--freeze-vision", action="store_true", help="train the language model only")
+    parser.add_argument(
+        "--checkpoint-dir", type=Path, default=None, help="write one checkpoint here, report size"
+    )
+    parser.add_argument("--checkpoint-optimizer", action="store_true", help="with the optimizer state")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--output-dir", type=Path, default=HERE / "results")
     parser.add_argument("--grpo-steps", type=int, default=0, help="run GRPO steps and report the mismatch")
     parser.add_argument("--prompts", type=int, default=4, help="--grpo-steps: prompts per step")
-    parser.add_argument("--tokens-per-turn", type=int, default=64, help="--grpo-steps: generation cap per turn")
-    parser.add_argument("--env", choices=["geo3k", "image-feedback"], default="geo3k", help="--grpo-steps: the env")
+    parser.add_argument(
+        "--tokens-per-turn", type=int, default=64, help="--grpo-steps: generation cap per turn"
+    )
+    parser.add_argument(
+        "--env", choices=["geo3k", "image-feedback"], default="geo3k", help="--grpo-steps: the env"
+    )
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = default_dtype(device)
@@ -197,10 +217,10 @@ def main(argv: list[str] | None = None) -> dict:
         return _write(args, argv, device, "grpo_mismatch", grpo_mismatch(policy, name, args, device))
     cfg = TrainConfig.from_dict(
         dict(rollout_batch_size=1, n_samples_per_prompt=args.samples, micro_batch_size=args.micro_batch_size,
-             gradient_checkpointing=args.gradient_checkpointing, lr=1e-6, progress=False)
+             gradient_checkpointing=_CHECKPOINTING[args.gradient_checkpointing],
+             freeze_vision=args.freeze_vision, lr=1e-6, progress=False)
     )  # fmt: skip
-    if args.gradient_checkpointing:
-        policy.model.gradient_checkpointing_enable()
+    checkpointing = prepare_for_training(policy.model, cfg)
     optimizer = MasterWeightAdamW(policy.model, cfg)
     items = fabricate_rollout(policy, args.samples, args.response_tokens)
     pad = policy.tokenizer.pad_token_id
@@ -216,6 +236,13 @@ def main(argv: list[str] | None = None) -> dict:
         if repeat:
             timings.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if device.startswith("cuda") else None
+    state = optimizer.inner.state.values()
+    optimizer_bytes = sum(t.numel() * t.element_size() for s in state for t in s.values() if t.dim()) + sum(
+        m.numel() * m.element_size()
+        for p, m in zip(optimizer.params, optimizer.masters, strict=True)
+        if m is not p
+    )
     tokens = sum(int(item.input_ids.numel()) for item in items)
     row = {
         "model": name,
@@ -224,20 +251,46 @@ def main(argv: list[str] | None = None) -> dict:
         "samples": args.samples,
         "tokens_per_sample": tokens // args.samples,
         "micro_batch_size": args.micro_batch_size,
-        "gradient_checkpointing": args.gradient_checkpointing,
+        "gradient_checkpointing": checkpointing,
+        "freeze_vision": args.freeze_vision,
+        "trainable_parameters": sum(p.numel() for p in optimizer.params),
+        "fused_adamw": bool(optimizer.inner.defaults["fused"]),
         "seconds_per_update": round(min(timings), 3),
         "tokens_per_s": round(tokens / min(timings), 1),
         "peak_gib": round(peak, 1) if peak is not None else None,
+        "peak_reserved_gib": round(reserved, 1) if reserved is not None else None,
+        "optimizer_state_gib": round(optimizer_bytes / 2**30, 1),
         "grad_norm": round(stats.grad_norm, 4),
     }
+    if args.checkpoint_dir is not None:
+        row.update(_time_checkpoint(policy, optimizer, args))
     print("| model | samples x tokens | micro-batch | checkpointing | s / update | tok/s | peak GiB |")
     print("|---|---:|---:|---|---:|---:|---:|")
     print(
         f"| {name} ({row['dtype']}) | {args.samples} x {row['tokens_per_sample']} | {args.micro_batch_size} | "
-        f"{args.gradient_checkpointing} | {row['seconds_per_update']:.2f} | {row['tokens_per_s']:.0f} | "
+        f"{checkpointing} | {row['seconds_per_update']:.2f} | {row['tokens_per_s']:.0f} | "
         f"{row['peak_gib'] if peak is not None else '-'} |"
     )
     return _write(args, argv, device, "train_step", row)
+
+
+def _time_checkpoint(policy, optimizer, args) -> dict:
+    """One trainer checkpoint of the benchmarked model: seconds to write it and its size."""
+    from trainer.checkpoint import checkpoint_sizes, save_checkpoint
+
+    started = time.perf_counter()
+    path = save_checkpoint(
+        args.checkpoint_dir, 1, policy, optimizer, {}, keep=1, save_optimizer=args.checkpoint_optimizer
+    )
+    seconds = time.perf_counter() - started
+    sizes = checkpoint_sizes(path)
+    print(f"checkpoint {path}: {sizes['total'] / 1e9:.2f} GB in {seconds:.1f} s", flush=True)
+    return {
+        "checkpoint_s": round(seconds, 1),
+        "checkpoint_gb": round(sizes["total"] / 1e9, 2),
+        "checkpoint_weights_gb": round(sizes["weights"] / 1e9, 2),
+        "checkpoint_optimizer_gb": round(sizes["optimizer"] / 1e9, 2),
+    }
 
 
 def _write(args, argv, device: str, benchmark: str, row: dict) -> dict:

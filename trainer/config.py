@@ -78,7 +78,9 @@ class TrainConfig:
     clip_grad: float = 1.0
     global_batch_size: int | None = None  # samples per optimizer step; None: the whole rollout (one step)
     micro_batch_size: int = 1  # samples per forward pass (left-padded); gradients accumulate over a step
-    gradient_checkpointing: bool = False
+    # recompute activations in the backward pass; "auto": on for models over 1B parameters on CUDA
+    gradient_checkpointing: bool | str = "auto"
+    freeze_vision: bool = False  # train the language model only (the vision tower keeps its weights)
     # --- local engine ---
     device: str | None = None  # None: cuda when available, else cpu
     engine_max_batch_size: int = 32
@@ -87,6 +89,9 @@ class TrainConfig:
     seed: int = 1234
     save_interval: int | None = None  # checkpoint every N rollouts; the last rollout is always saved
     keep_checkpoints: int = 2
+    # optimizer state (needed to resume exactly) in checkpoints: true (every one kept), "latest" (only
+    # the newest; older ones keep their weights), false; "auto": true up to 1B parameters, else "latest"
+    save_optimizer: bool | str = "auto"
     use_tensorboard: bool = False
     use_wandb: bool = False
     wandb_project: str = "vlm-multiturn"
@@ -163,6 +168,14 @@ class TrainConfig:
             )
         if self.save_interval is not None and self.save_interval < 1:
             raise ConfigError(f"save_interval must be >= 1 or None, got {self.save_interval}")
+        if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto"):
+            raise ConfigError(
+                f'gradient_checkpointing must be true, false or "auto", got {self.gradient_checkpointing!r}'
+            )
+        if not (isinstance(self.save_optimizer, bool) or self.save_optimizer in ("auto", "latest")):
+            raise ConfigError(
+                f'save_optimizer must be true, false, "latest" or "auto", got {self.save_optimizer!r}'
+            )
         for name in ("max_turns", "max_tokens_per_turn"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or None, got {getattr(self, name)}")

@@ -65,9 +65,11 @@ from envs.geo3k.dataset import DatasetError
 from envs.loader import load_env_module
 from trainer.batch import to_train_sample
 from trainer.checkpoint import (
+    describe_size,
     load_optimizer_state,
     load_trainer_state,
     resolve_resume,
+    resolve_save_optimizer,
     restore_rng_state,
     save_checkpoint,
 )
@@ -78,7 +80,7 @@ from trainer.metrics import MetricsLogger, failure_causes, format_failures, read
 from trainer.optim import MasterWeightAdamW
 from trainer.report import append_episodes, episode_record, write_report
 from trainer.rollouts import TurnSeededEngine, build_group_samples, rollout_args, run_rollout
-from trainer.update import policy_update
+from trainer.update import policy_update, prepare_for_training
 
 
 @dataclass
@@ -143,13 +145,19 @@ def train(
     checkpoint = resolve_resume(resume, run_dir) if resume else None
     seed_everything(cfg.seed)
     policy = load_policy(checkpoint or cfg.hf_checkpoint, device=device)  # bf16 on GPU, fp32 on CPU
-    if cfg.gradient_checkpointing:
-        policy.model.gradient_checkpointing_enable()
+    # Before the optimizer, which takes the parameters that are still trainable.
+    checkpointing = prepare_for_training(policy.model, cfg)
+    save_optimizer = resolve_save_optimizer(cfg.save_optimizer, policy.model)
     optimizer = MasterWeightAdamW(policy.model, cfg)
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
         start_step = int(state["step"])
-        load_optimizer_state(checkpoint, optimizer)
+        if not load_optimizer_state(checkpoint, optimizer):
+            log(
+                f"warning: {checkpoint} holds no optimizer state (save_optimizer); AdamW's moments start "
+                "from zero and the fp32 master weights from the checkpoint's weights, so the run does not "
+                "continue exactly as it would have"
+            )
         restore_rng_state(checkpoint)
         log(f"resumed from {checkpoint} at step {start_step}")
     # The reference for the KL term is the initial policy; on resume it is the run's original
@@ -189,6 +197,7 @@ def train(
     logger.write(
         f"GRPO: {cfg.hf_checkpoint} on {device}, {len(prompts)} prompts, {cfg.num_rollout} steps of "
         f"{cfg.rollout_batch_size} prompts x {cfg.n_samples_per_prompt} episodes -> {run_dir}"
+        f"{' (activation checkpointing)' if checkpointing else ''}"
     )
 
     # --- the loop ---
@@ -255,8 +264,9 @@ def train(
                         "metrics": _finite(metrics),
                     },
                     keep=cfg.keep_checkpoints,
+                    save_optimizer=save_optimizer,
                 )
-                logger.write(f"step {done}: saved {last_checkpoint}")
+                logger.write(f"step {done}: saved {last_checkpoint} ({describe_size(last_checkpoint)})")
     finally:
         logger.close()
 

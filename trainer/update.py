@@ -57,6 +57,38 @@ class _Mismatch:
         return self.total / self.count if self.count else 0.0
 
 
+#: Above this many parameters "auto" turns activation checkpointing on (on CUDA): from there on
+#: weights, gradients and optimizer state (16 bytes a parameter) leave an 80 GB card little room
+#: for a long sample's activations, and recomputing them costs about a third more compute.
+CHECKPOINTING_MIN_PARAMETERS = 1_000_000_000
+
+
+def prepare_for_training(model, cfg: TrainConfig) -> bool:
+    """Freeze the vision tower (``freeze_vision``) and turn activation checkpointing on where
+    ``gradient_checkpointing`` says so; call before building the optimizer, which takes the
+    trainable parameters. Returns whether checkpointing is on."""
+    if cfg.freeze_vision:
+        visual = getattr(getattr(model, "model", model), "visual", None)
+        if visual is None:
+            raise ValueError(
+                f"freeze_vision: {type(model).__name__} has no vision tower at model.visual; "
+                "set freeze_vision=false"
+            )
+        visual.requires_grad_(False)
+    enable = cfg.gradient_checkpointing
+    if enable == "auto":
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        enable = on_cuda and sum(p.numel() for p in model.parameters()) > CHECKPOINTING_MIN_PARAMETERS
+    if enable:
+        # transformers 5.23 renamed gradient_checkpointing_enable (now a deprecated alias) to
+        # activation_checkpointing_enable; older releases within the pin have only the old name.
+        turn_on = (
+            getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        )
+        turn_on({"use_reentrant": False})
+    return bool(enable)
+
+
 def _split_steps(items: list[TrainSample], cfg: TrainConfig) -> list[list[TrainSample]]:
     size = cfg.step_batch_size
     return [items[i : i + size] for i in range(0, len(items), size)]
