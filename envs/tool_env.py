@@ -349,7 +349,8 @@ def validate_arguments(
 ) -> tuple[dict[str, Any] | None, ToolCallError | None]:
     """Arguments checked against ``function["parameters"]`` (a JSON-schema subset: ``type``,
     ``enum``, ``minimum``/``maximum``, ``minItems``/``maxItems``, ``required``,
-    ``additionalProperties: false``): (coerced arguments, None) or (None, the error for the model)."""
+    ``additionalProperties: false``): (coerced arguments, None) or (None, the error for the model).
+    Arguments the schema does not name are dropped, or refused with ``additionalProperties: false``."""
     parameters = function.get("parameters") or {}
     properties = parameters.get("properties") or {}
     name = function.get("name", "the tool")
@@ -360,7 +361,7 @@ def validate_arguments(
             if parameters.get("additionalProperties") is False:
                 known = ", ".join(f'"{k}"' for k in properties) or "none"
                 return None, _invalid(f'{name} has no argument "{key[:60]}" (its arguments: {known})')
-            out[key] = value
+            # Dropped, not passed on: the tool method's signature has no place for it.
             continue
         problem, value = _check_value(key, value, schema, (examples or {}).get(key, _first_example(schema)))
         if problem:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from envs.check import Violation, check_env_module, check_message, main, step_inputs
+from envs.check import Violation, check_env_module, check_message, load_cases, main, step_inputs, tool_inputs
 from envs.grading import Grader
+from envs.tool_calls import format_call
 
 CASES = [name for name, _ in step_inputs()]
 EPISODES = ["valid call (episode 1)", "valid call (episode 2)"]
@@ -271,3 +274,120 @@ def test_cli_exit_status_and_report(fixtures_dir: Path, capsys) -> None:
 def test_cli_passes_kwargs_to_build_env(capsys) -> None:
     assert main(["envs.geo3k", "--set", "max_turns=0"]) == 1
     assert "Geo3kEnv setting 'max_turns' must be an integer >= 1, got 0" in capsys.readouterr().out
+
+
+def test_a_tool_that_raises_on_valid_arguments_fails(grader: Grader, fixtures_dir: Path) -> None:
+    path = fixtures_dir / "zoom_raising_env.py"
+    report = check_env_module(str(path), env_kwargs={"grader": grader, "grading_timeout_s": GEO3K_GRADING_TIMEOUT_S})
+    assert [(e.where, e.cases) for e in report.errors] == [("step", ["zoom: valid"])]
+    assert report.errors[0].message.startswith("raised KeyError: 'crp' at ")
+
+
+def test_image_observations_go_through_the_real_processor(fixtures_dir: Path, qwen25_processing) -> None:
+    path = str(fixtures_dir / "thin_image_env.py")
+    # Without a processor nothing shows; every episode reaching the image would fail.
+    assert check_env_module(path).ok
+    report = check_env_module(path, processing=qwen25_processing)
+    assert [e.where for e in report.errors] == ["format_observation"]
+    assert "zoom: valid" in report.errors[0].cases
+    assert report.errors[0].message.startswith(
+        "the image processor refuses a 600x2 image (ValueError: absolute aspect ratio must be smaller than 200"
+    )
+
+
+def test_an_env_with_no_reward_signal_fails(fixtures_dir: Path) -> None:
+    report = check_env_module(str(fixtures_dir / "no_reward_env.py"))
+    assert [str(e) for e in report.errors] == [
+        "reward: no reward signal: the env has no `outcome` with a numeric `score` and no step returned "
+        "info['score'], so every episode would score 0. Set env.outcome.score (subclass envs.tool_env.ToolEnv "
+        "and return ToolResult(score=...)) or return info['score']"
+    ]
+
+
+def test_every_image_form_the_rollout_loads_passes(fixtures_dir: Path, qwen25_processing) -> None:
+    report = check_env_module(str(fixtures_dir / "image_forms_env.py"), processing=qwen25_processing, cases=["empty"])
+    assert (report.errors, report.warnings) == ([], [])
+    # A PIL image, a PNG file, a data URI; each costs what the processor makes of it.
+    assert [r.size for r in report.images][:3] == [(28, 56), (56, 28), (56, 28)]
+    for record in report.images[:3]:
+        grid = qwen25_processing.process_images([Image.new("RGB", record.size)])["image_grid_thw"]
+        assert record.pads == qwen25_processing.pads_per_image(grid)[0]
+
+
+def test_a_message_that_drops_the_observations_images_fails(fixtures_dir: Path, tmp_path: Path) -> None:
+    source = (fixtures_dir / "image_forms_env.py").read_text()
+    dropping = tmp_path / "dropping_env.py"
+    dropping.write_text(
+        source
+        + "\n\ndef _text_only(self, observation):\n    return {'role': 'tool', 'content': observation['obs_str']}\n\n\n"
+        "ImageFormsEnv.format_observation = _text_only\n"
+    )
+    report = check_env_module(str(dropping), cases=["empty"])
+    assert [str(e) for e in report.errors] == [
+        "format_observation: the observation has 3 image(s) but the message keeps 0; the model would never see "
+        "them [in: empty, valid call (episode 1), valid call (episode 2)]"
+    ]
+
+
+def test_author_cases(grader: Grader, tmp_path: Path) -> None:
+    zoom = format_call("zoom", {"left": 0.25, "top": 0.25, "right": 0.75, "bottom": 0.75})
+    answer = format_call("calc_score", {"answer": "3"})
+    lines = [
+        {"name": "zoom then answer", "text": [zoom, answer], "expect": {"done": True, "score": 1.0}},
+        {"name": "zoom shows a crop", "text": zoom, "expect": {"images": 1, "tool_executed": True, "done": False}},
+        {"name": "wrong expectation", "text": zoom, "expect": {"images": 2}},
+        {"name": "too many turns", "text": [answer, answer]},
+    ]
+    path = tmp_path / "cases.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    report = check_env_module(
+        "envs.geo3k_zoom",
+        env_kwargs={"grader": grader, "grading_timeout_s": GEO3K_GRADING_TIMEOUT_S},
+        cases=["empty"],
+        author_cases=load_cases(str(path)),
+    )
+    assert [str(e) for e in report.errors] == [
+        "case: expected images=2 after the last turn, got 1 [in: wrong expectation]",
+        "case: the episode ended at turn 1 of 2 [in: too many turns]",
+    ]
+    assert "zoom then answer (turn 2)" in [t.case for t in report.timings]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{oops", "not valid JSON"),
+        ('{"name": "x"}', 'each line needs "text"'),
+        ('{"text": [1]}', '"text" must be a string or a non-empty list of strings'),
+        ('{"text": "a", "expect": {"reward": 1}}', "unknown keys ['reward']"),
+        ('{"text": "a", "expect": {"done": 1}}', '"expect"."done" has the wrong type (1)'),
+    ],
+)
+def test_bad_case_files_name_the_line(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "cases.jsonl"
+    path.write_text('"a plain string is one case"\n' + line + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: ")) as caught:
+        load_cases(str(path))
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("image", "problem"),
+    [
+        ("data:image/png;base64,not-base64!", "cannot be loaded"),
+        ("/no/such/file.png", "cannot be loaded: image file /no/such/file.png does not exist"),
+        (3, "needs 'image' as a PIL.Image.Image, a file path or a data URI, got int"),
+    ],
+)
+def test_check_message_image_forms(image, problem: str) -> None:
+    errors, _ = check_message({"role": "tool", "content": [{"type": "image", "image": image}]})
+    assert len(errors) == 1 and errors[0].startswith("content part 0 (image) ") and problem in errors[0]
+
+
+def test_generated_tool_inputs() -> None:
+    from envs.geo3k_zoom import TOOLS
+
+    cases = {name: (text, valid) for name, text, valid in tool_inputs(TOOLS, "xml", label="7")}
+    assert cases["calc_score: valid"] == (format_call("calc_score", {"answer": "7"}, "xml"), True)
+    assert cases["zoom: no left"][1] is False and "<parameter=left>" not in cases["zoom: no left"][0]
+    assert list(cases)[-1] == "unknown tool"
