@@ -12,10 +12,12 @@ from typing import Any
 __all__ = ["generate", "group_reward", "reward"]
 
 
-async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], evaluation: bool = False) -> Any:
+async def generate(
+    args: Any, sample: Any, sampling_params: dict[str, Any], evaluation: bool = False, *, runtime: Any = None
+) -> Any:
     from rollout.entrypoints import generate as _generate
 
-    return await _generate(args, sample, sampling_params, evaluation=evaluation)
+    return await _generate(args, sample, sampling_params, evaluation=evaluation, runtime=runtime)
 
 
 async def reward(args: Any, sample: Any = None, samples: list[Any] | None = None, **kwargs: Any):

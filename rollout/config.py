@@ -33,6 +33,10 @@ REMOVED_SETTINGS = {
         "the request never returns; Qwen3-VL: HTTP 500) and slime's patched SGLang collapses it anyway. "
         "Delete the key"
     ),
+    "gc_pacing": (
+        "the timed garbage collections shortened event-loop stalls but not the rollout's wall time "
+        "(bench/RESULTS.md); the collector runs on its own rules. Delete the key"
+    ),
 }
 
 
@@ -52,7 +56,6 @@ class RolloutConfig:
     request_retry_backoff_s: float = 1.0
     env_step_threads: int = 64
     gc_freeze_after_load: bool = True
-    gc_pacing: bool = True
 
     def __post_init__(self) -> None:
         _check_type("max_turns", self.max_turns, int)
@@ -77,7 +80,6 @@ class RolloutConfig:
         if self.request_retry_backoff_s < 0:
             raise ConfigError(f"request_retry_backoff_s must be >= 0, got {self.request_retry_backoff_s}")
         _check_type("gc_freeze_after_load", self.gc_freeze_after_load, bool)
-        _check_type("gc_pacing", self.gc_pacing, bool)
         _check_type("env_step_threads", self.env_step_threads, int)
         if self.env_step_threads < 1:
             raise ConfigError(f"env_step_threads must be >= 1, got {self.env_step_threads}")

@@ -4,23 +4,29 @@ never imports slime."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from rollout.episode import run_episode
-from rollout.runtime import default_runtime
+from rollout.runtime import RolloutRuntime, default_runtime
 
 
-async def generate(args: Any, sample: Any, sampling_params: dict[str, Any], evaluation: bool = False) -> Any:
+async def generate(
+    args: Any,
+    sample: Any,
+    sampling_params: dict[str, Any],
+    evaluation: bool = False,
+    *,
+    runtime: RolloutRuntime | None = None,
+) -> Any:
     """Run one multi-turn episode for ``sample`` and return the same sample, filled in.
 
     slime passes each of the n copies of a prompt its own ``sampling_params``, but in evaluation
-    one dict is shared, so it is copied before anything changes it.
+    one dict is shared, so it is copied before anything changes it. slime passes no ``runtime``
+    (its processes use :func:`rollout.runtime.default_runtime`); the local trainer, evaluation and
+    tests pass their own.
     """
-    runtime = default_runtime()
-    ctx = await runtime.context_async(args)
-    with runtime.gc_pacer.episode() if ctx.config.gc_pacing else contextlib.nullcontext():
-        return await run_episode(ctx, args, sample, dict(sampling_params))
+    ctx = await (default_runtime() if runtime is None else runtime).context_async(args)
+    return await run_episode(ctx, args, sample, dict(sampling_params))
 
 
 def reward_of(sample: Any) -> float:

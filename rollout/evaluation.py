@@ -422,6 +422,7 @@ async def evaluate(
     correct_at: float = 1.0,
     tokenizer: Any = None,
     progress: bool = False,
+    runtime: Any = None,
 ) -> EvalReport:
     """Run ``n`` episodes of every problem and aggregate them (see the module docstring).
 
@@ -432,10 +433,13 @@ async def evaluate(
     ``sampling_params`` are added to (and override) the ones built from the keyword arguments.
     With ``seed``, every episode gets a ``sampling_seed`` derived from (seed, problem, sample), and,
     when ``args.rollout_engine`` is an engine object, every turn one derived from that.
+    ``runtime``: the RolloutRuntime the episodes run on; by default one of this call's own, shut
+    down when it returns (never the process-wide one of slime's entry points).
     """
     import rollout
     from rollout.config import RolloutConfig
     from rollout.prompts import chat_template_kwargs
+    from rollout.runtime import RolloutRuntime
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive number of samples per problem, got {n!r}")
@@ -444,10 +448,11 @@ async def evaluate(
     ks = check_ks(ks, n)
     config = RolloutConfig.from_args(args)
     template_kwargs = chat_template_kwargs(args)
+    own_runtime = runtime is None
+    if own_runtime:
+        runtime = RolloutRuntime()
     if tokenizer is None:
-        from rollout.runtime import default_runtime
-
-        tokenizer = default_runtime().processing.get(args.hf_checkpoint).tokenizer
+        tokenizer = runtime.processing.get(args.hf_checkpoint).tokenizer
     if seed is not None and getattr(args, "rollout_engine", None) is not None:
         args = copy.copy(args)
         args.rollout_engine = _TurnSeeded(args.rollout_engine)
@@ -492,7 +497,7 @@ async def evaluate(
 
     async def run(result: ProblemResult, j: int, sample: Any, params: dict[str, Any]) -> None:
         async with slots:
-            finished = await rollout.generate(args, sample, params, evaluation=True)
+            finished = await rollout.generate(args, sample, params, evaluation=True, runtime=runtime)
         score = float(await rollout.reward(args, finished))
         result.samples[j] = sample_result(finished, j, score, correct_at=correct_at)
         bar.update(1)
@@ -507,6 +512,9 @@ async def evaluate(
         raise
     finally:
         bar.close()
+        if own_runtime:
+            await runtime.aclose()
+            runtime.shutdown()
     for result in results:
         result.correct = sum(1 for sample in result.samples if sample.correct)
     summary = summarize(results, ks=ks, max_turns=config.max_turns, elapsed_s=time.perf_counter() - started)

@@ -1,9 +1,17 @@
-"""The process-wide objects behind slime's entry points, held in one explicit place.
+"""The objects behind the rollout's episodes, held in one explicit place.
 
-slime calls ``generate(args, sample, sampling_params)`` once per sample with no other context, so
-what should be built once per run lives here: tokenizer/processor per checkpoint, observation
-encoders, loaded env modules, SGLang clients per server URL, and the threads that run sync env
-steps. ``default_runtime()`` is created lazily; tests and the local trainer may build their own.
+What is built once per run lives in a :class:`RolloutRuntime`: observation encoders, loaded env
+modules, SGLang clients per server URL, the threads that run env calls and finish samples, and the
+image cache. The threads are sized by the plugin settings of the runtime's first episode
+(``env_step_threads``), and ``gc_freeze_after_load`` acts at that episode; a later call with other
+such settings raises ConfigError instead of running under the first call's. Tokenizers and
+processors depend on the checkpoint alone, so every runtime of a process shares one
+:class:`ProcessingCache` unless it is given its own.
+
+The local trainer, evaluation and tests build their own runtime and pass it
+(``rollout.entrypoints.generate(..., runtime=...)``). slime calls ``generate(args, sample,
+sampling_params)`` with no other context, so its processes use :func:`default_runtime`, built at
+the first call.
 """
 
 from __future__ import annotations
@@ -14,20 +22,23 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from rollout.config import RolloutConfig
+from rollout.config import ConfigError, RolloutConfig
 from rollout.engines.base import Engine
 from rollout.engines.sglang_client import SGLangClient
 from rollout.episode import EpisodeContext
-from rollout.gc_pacing import GcPacer
 from rollout.image_cache import ProcessedImageCache
 from rollout.observation import ObservationEncoder
 from rollout.processing import ProcessingCache
 from rollout.prompts import chat_template_kwargs
 
+#: Plugin settings a runtime is built with (at its first episode): fixed for its lifetime.
+RUNTIME_SETTINGS = ("env_step_threads", "gc_freeze_after_load")
+_shared_processing = ProcessingCache()
+
 
 class RolloutRuntime:
-    def __init__(self) -> None:
-        self.processing = ProcessingCache()
+    def __init__(self, processing: ProcessingCache | None = None) -> None:
+        self.processing = _shared_processing if processing is None else processing
         self._encoders: dict[int, ObservationEncoder] = {}
         self._env_modules: dict[str, Any] = {}
         self._clients: dict[str, SGLangClient] = {}
@@ -37,7 +48,7 @@ class RolloutRuntime:
         self._prep_executor = ThreadPoolExecutor(2, thread_name_prefix="rollout-prep")
         self.image_cache = ProcessedImageCache()
         self._gc_frozen = False
-        self.gc_pacer = GcPacer()
+        self._settings: dict[str, Any] | None = None  # RUNTIME_SETTINGS of the first episode
         self._lock = threading.Lock()
 
     def context(self, args: Any) -> EpisodeContext:
@@ -47,6 +58,7 @@ class RolloutRuntime:
             raise ValueError("args.hf_checkpoint must name the checkpoint (or preset) whose tokenizer to use")
         processing = self.processing.get(checkpoint)
         with self._lock:
+            self._bind(config)
             encoder = self._encoders.get(id(processing))
             if encoder is None:
                 encoder = self._encoders[id(processing)] = ObservationEncoder(processing)
@@ -82,6 +94,22 @@ class RolloutRuntime:
             self._gc_frozen = True
         return ctx
 
+    def _bind(self, config: RolloutConfig) -> None:
+        settings = {name: getattr(config, name) for name in RUNTIME_SETTINGS}
+        if self._settings is None:
+            self._settings = settings
+            return
+        changed = {name: value for name, value in settings.items() if self._settings[name] != value}
+        if changed:
+            built = ", ".join(f"{name}={self._settings[name]!r}" for name in changed)
+            asked = ", ".join(f"{name}={value!r}" for name, value in changed.items())
+            raise ConfigError(
+                f"this rollout runtime was built with {built} (its first episode's plugin settings) and "
+                f"a later call asks for {asked}; it would run under the first ones. One runtime serves one "
+                "plugin configuration: give every slime process one YAML, or build a RolloutRuntime per "
+                "configuration and pass it (rollout.entrypoints.generate(..., runtime=...))"
+            )
+
     def _env_module(self, path: str) -> Any:
         if path not in self._env_modules:
             from envs.loader import load_env_module
@@ -103,7 +131,6 @@ class RolloutRuntime:
             await client.close()
 
     def shutdown(self) -> None:
-        self.gc_pacer.close()
         self._prep_executor.shutdown(wait=False, cancel_futures=True)
         self.image_cache.shutdown()
         if self._executor is not None:
@@ -116,6 +143,7 @@ _default_lock = threading.Lock()
 
 
 def default_runtime() -> RolloutRuntime:
+    """The runtime of slime's entry points (one per process), built at the first call."""
     global _default
     with _default_lock:
         if _default is None:

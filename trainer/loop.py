@@ -79,7 +79,7 @@ from trainer.grpo import group_advantages
 from trainer.metrics import MetricsLogger, failure_causes, format_failures, read_metrics, rollout_metrics
 from trainer.optim import MasterWeightAdamW
 from trainer.report import append_episodes, episode_record, write_report
-from trainer.rollouts import TurnSeededEngine, build_group_samples, rollout_args, run_rollout
+from trainer.rollouts import RolloutRuntime, TurnSeededEngine, build_group_samples, rollout_args, run_rollout
 from trainer.update import policy_update, prepare_for_training
 
 
@@ -177,6 +177,7 @@ def train(
     )
     engine.weight_version = start_step
     args = rollout_args(cfg, TurnSeededEngine(engine), str(policy.path))
+    runtime = RolloutRuntime()  # the run's env threads and image cache, across steps
     pad_id = policy.tokenizer.pad_token_id if policy.tokenizer.pad_token_id is not None else 0
     image_pad_id = getattr(policy.model.config, "image_token_id", None)
     initial_checkpoint = (
@@ -207,7 +208,7 @@ def train(
             started = time.perf_counter()
             batch = prompts.batch(step, cfg.rollout_batch_size)
             samples = build_group_samples(batch, cfg, policy.tokenizer, step)
-            asyncio.run(run_rollout(args, samples, cfg, step))
+            asyncio.run(run_rollout(args, samples, cfg, step, runtime))
             rollout_time = time.perf_counter() - started
             _report_failures(samples, step, first=step == start_step, write=logger.write)
 
@@ -268,6 +269,7 @@ def train(
                 )
                 logger.write(f"step {done}: saved {last_checkpoint} ({describe_size(last_checkpoint)})")
     finally:
+        runtime.shutdown()
         logger.close()
 
     report = write_report(

@@ -2,8 +2,10 @@
 
 The episodes are the plugin's own (``rollout.generate`` and ``rollout.reward``, exactly what slime
 calls), run concurrently with ``asyncio.gather`` against an in-process engine that generates with
-the model being trained. ``args`` is built like slime's: the plugin YAML's top-level keys are set on
-a namespace with ``setattr`` (slime's merge), and the engine is handed over as ``args.rollout_engine``.
+the model being trained, on a RolloutRuntime the run builds and passes (not the process-wide one
+slime's entry points use). ``args`` is built like slime's: the plugin YAML's top-level keys are set
+on a namespace with ``setattr`` (slime's merge), and the engine is handed over as
+``args.rollout_engine``.
 
 Sampling is a pure function of the run's seed: each episode gets a seed derived from
 ``(seed, rollout_id, sample position)`` and each of its turns one derived from that and the
@@ -19,6 +21,7 @@ import hashlib
 import types
 from typing import Any
 
+from rollout.runtime import RolloutRuntime
 from trainer.config import TrainConfig, plugin_config
 from trainer.data import Prompt
 
@@ -112,13 +115,22 @@ def build_group_samples(prompts: list[Prompt], cfg: TrainConfig, tokenizer, roll
     return samples
 
 
-async def run_rollout(args: Any, samples: list[Any], cfg: TrainConfig, rollout_id: int) -> list[Any]:
-    """Run every episode concurrently, then score them; returns ``samples`` with rewards set."""
+async def run_rollout(
+    args: Any, samples: list[Any], cfg: TrainConfig, rollout_id: int, runtime: RolloutRuntime
+) -> list[Any]:
+    """Run every episode concurrently on the run's own ``runtime`` (one per training run: its
+    threads and caches outlive the step's event loop), then score them; returns ``samples`` with
+    rewards set."""
     import rollout
 
     await asyncio.gather(
         *(
-            rollout.generate(args, sample, sampling_params(cfg, derive_seed(cfg.seed, rollout_id, position)))
+            rollout.generate(
+                args,
+                sample,
+                sampling_params(cfg, derive_seed(cfg.seed, rollout_id, position)),
+                runtime=runtime,
+            )
             for position, sample in enumerate(samples)
         )
     )
