@@ -418,7 +418,7 @@ async def _model_turn(ctx: EpisodeContext, state: _State, record: TurnRecord, pa
 
 
 def _check_prompt_tokens(state: _State, record: TurnRecord, prompt_tokens: int | None) -> None:
-    """PITFALLS 19: the engine expands each image's single pad with its own image processor. Its
+    """docs/pitfalls.md#the-engine-resizes-images-its-own-way: the engine expands each image's single pad with its own image processor. Its
     prompt length must be the training sequence's, or the policy saw other image tokens than the
     trainer will feed it (and nothing else would notice). Engines that do not report it skip this."""
     expected = state.trajectory.length
@@ -435,7 +435,7 @@ def _check_prompt_tokens(state: _State, record: TurnRecord, prompt_tokens: int |
 
 
 def _take_routed_experts(state: _State, record: TurnRecord, data: Any, start_len: int) -> None:
-    """Keep the engine's routed experts for the sequence so far (PITFALLS 21). SGLang reports one
+    """Keep the engine's routed experts for the sequence so far (docs/pitfalls.md#routing-replay-across-turns). SGLang reports one
     row per position but the last, from ``start_len`` on; rows before it are the earlier turns'."""
     try:
         experts = _int32_array(data)

@@ -106,7 +106,7 @@ class ObservationEncoder:
             raise TemplateShapeError(f"the chat template renders images in {role!r} messages unexpectedly")
         image = image_continuation[len(before) : len(image_continuation) - len(_TEXT_SENTINEL + after)]
         if "<|image_pad|>" not in image:
-            # PITFALLS: some templates drop images inside tool messages; the model would never see them.
+            # docs/pitfalls.md#templates-that-drop-images-in-tool-messages: the model would never see them.
             raise TemplateShapeError(
                 f"the chat template drops images in {role!r} messages; render image observations as 'user' turns"
             )

@@ -103,7 +103,7 @@ def _mixed_requests(policy) -> list[tuple[list[int], list, dict]]:
 
 async def test_batching_does_not_change_results(any_small_policy):
     """Left padding must not reach a row's results; for Qwen3.5 that includes the linear-attention
-    layers' recurrent and convolution states (PITFALLS 23)."""
+    layers' recurrent and convolution states (docs/pitfalls.md#padding-in-a-linear-attention-state)."""
     policy = any_small_policy
     requests = _mixed_requests(policy)
     # No batch wait at all: the burst still forms one batch, because the scheduler waits for

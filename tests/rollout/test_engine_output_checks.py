@@ -1,4 +1,4 @@
-"""Engine output is checked, never trusted (PITFALLS 22): ids outside the vocabulary, non-finite
+"""Engine output is checked, never trusted (docs/pitfalls.md#engine-output-trusted-blindly): ids outside the vocabulary, non-finite
 log-probs and a per-token list that does not cover the output each fail the sample (FAILED,
 removed, reward 0) before any of the turn's tokens join the trajectory.
 

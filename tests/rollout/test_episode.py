@@ -73,7 +73,7 @@ SEQUENCE_TURNS = {
 
 @pytest.mark.parametrize("checkpoint", list(SEQUENCE_TURNS))
 async def test_sequence_equals_chat_template_rendering(checkpoint):
-    """PITFALLS 2: the separator after <|im_end|> and the generation prompt are in the sequence."""
+    """docs/pitfalls.md#separator-after-end-of-turn: the separator after <|im_end|> and the generation prompt are in the sequence."""
     from rollout.runtime import default_runtime
 
     processing = default_runtime().processing.get(checkpoint)
@@ -104,7 +104,7 @@ async def test_sequence_equals_chat_template_rendering(checkpoint):
 
 @pytest.mark.parametrize("checkpoint", ["tiny-qwen3-vl-thinking", "tiny-qwen3.5"])
 async def test_thinking_template_difference_is_confined_to_unnormalized_reasoning(checkpoint):
-    """PITFALLS 15: thinking templates re-render reasoning as '<think>\\n...\\n</think>\\n\\n'; the
+    """docs/pitfalls.md#thinking-templates-rewrite-history: thinking templates re-render reasoning as '<think>\\n...\\n</think>\\n\\n'; the
     trained sequence keeps the model's own spacing. Normalized turns render identically. (Qwen3.5 keeps
     the reasoning of every turn after the user's query: tool responses are not queries.)"""
     from rollout.runtime import default_runtime
@@ -138,7 +138,7 @@ async def test_thinking_template_difference_is_confined_to_unnormalized_reasonin
 
 @pytest.mark.parametrize("checkpoint", ["tiny-qwen2.5-vl", "tiny-qwen3.5"])
 async def test_stop_string_end_of_turn_is_inserted_once(checkpoint):
-    """PITFALLS 3: stopped on '</tool_call>' -> <|im_end|> inserted (mask 0); stopped on <|im_end|>
+    """docs/pitfalls.md#end-of-turn-after-a-stop-string: stopped on '</tool_call>' -> <|im_end|> inserted (mask 0); stopped on <|im_end|>
     -> nothing inserted."""
     from rollout.runtime import default_runtime
 
@@ -162,7 +162,7 @@ async def test_stop_string_end_of_turn_is_inserted_once(checkpoint):
 
 
 async def test_model_tokens_are_never_retokenized(qwen25_processing):
-    """PITFALLS 4: ids that do not survive decode/encode are kept exactly as generated."""
+    """docs/pitfalls.md#decoding-and-re-tokenizing: ids that do not survive decode/encode are kept exactly as generated."""
     tok = qwen25_processing.tokenizer
     odd = [tok.convert_tokens_to_ids("Ġ"), 220, 220, 9707]  # 'Ġ' + two spaces + 'Hello' re-encode differently
     text = tok.decode(odd)
@@ -173,7 +173,7 @@ async def test_model_tokens_are_never_retokenized(qwen25_processing):
 
 
 async def test_images_reach_engine_and_train_inputs_in_token_order(qwen25_processing, tmp_path):
-    """PITFALLS 5, 6, 16: every image of every turn is sent (one pad each, for the engine to
+    """docs/pitfalls.md#image-pads-expanded-once, #every-image-reaches-the-engine, #processor-output-keys: every image of every turn is sent (one pad each, for the engine to
     expand); the training sequence has pads expanded exactly once."""
     tok = qwen25_processing.tokenizer
     engine = ScriptedEngine(tok, ["first look", "second look", "third look"], prepare_image=lambda im: ("sent", im.size))
@@ -245,7 +245,7 @@ async def test_model_generating_image_pads_fails_instead_of_breaking_training(qw
     assert _pad_runs(out.tokens, pad) == [16]
 
 
-# -- budgets (PITFALLS 7, 9) -------------------------------------------------------------------------
+# -- budgets (docs/pitfalls.md#image-tokens-never-cut-by-truncation, #the-prompt-is-not-subtracted-from-the-response-budget) -------------------------------------------------------------------------
 async def test_response_budget_does_not_subtract_the_prompt(qwen25_processing):
     tok = qwen25_processing.tokenizer
     sample = make_sample(tok, images=1, size=448)  # 256 image tokens, more than the budget below
@@ -341,7 +341,7 @@ async def test_max_turns_reached_is_completed(qwen25_processing):
     assert await rollout.reward(make_args(engine), out) == 0.0
 
 
-# -- failures (PITFALLS 13, 14) --------------------------------------------------------------------
+# -- failures (docs/pitfalls.md#server-faults-as-a-training-signal, #aborted-is-slimes-failed-is-ours) --------------------------------------------------------------------
 async def test_env_that_raises_fails_the_sample_with_the_reason(qwen25_processing):
     tok = qwen25_processing.tokenizer
     engine = ScriptedEngine(tok, ["hello"])
@@ -447,7 +447,7 @@ async def test_an_observation_that_cannot_be_formatted_fails_the_sample(qwen25_p
 
 
 async def test_reward_comes_from_the_outcome_not_the_text(qwen25_processing):
-    """PITFALLS 10: env feedback may quote \\boxed{...}; a wrong final answer still scores 0."""
+    """docs/pitfalls.md#reward-read-from-env-text: env feedback may quote \\boxed{...}; a wrong final answer still scores 0."""
     tok = qwen25_processing.tokenizer
     engine = ScriptedEngine(tok, [call("5") + "<|im_end|>"])
     sample = make_sample(tok, label="7")

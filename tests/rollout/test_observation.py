@@ -59,7 +59,7 @@ def test_image_parts_render_as_single_placeholders(encoder, qwen25_processing):
 
 
 def test_template_that_drops_tool_images_is_refused(qwen25_processing):
-    """PITFALLS 8: a template that drops images inside tool messages fails loudly."""
+    """docs/pitfalls.md#templates-that-drop-images-in-tool-messages: a template that drops images inside tool messages fails loudly."""
     from rollout.processing import Processing
 
     dropping = chat_template("qwen2.5-vl").replace(

@@ -1,4 +1,4 @@
-"""The SGLang client against real HTTP servers on localhost that misbehave on purpose (PITFALLS 13)."""
+"""The SGLang client against real HTTP servers on localhost that misbehave on purpose (docs/pitfalls.md#server-faults-as-a-training-signal)."""
 
 from __future__ import annotations
 
@@ -336,7 +336,7 @@ def _engine_image_pads(family: str, **size):
 
 
 async def test_an_engine_that_resizes_images_differently_fails_the_sample(serve, qwen25_processing, http_args):
-    """PITFALLS 19: the engine's processor caps images at 56x56 pixels (4 pads for a 112x112 image,
+    """docs/pitfalls.md#the-engine-resizes-images-its-own-way: the engine's processor caps images at 56x56 pixels (4 pads for a 112x112 image,
     where the trainer's gives 16). The model then saw other image tokens than the trainer will
     feed it: the sample is FAILED at the first turn, the reason naming both counts and the fix."""
     tok = qwen25_processing.tokenizer
@@ -378,7 +378,7 @@ async def test_an_engine_that_does_not_report_prompt_tokens_is_not_checked(serve
     assert out.status == Status.COMPLETED, out.metadata["status_reason"]
 
 
-# --- routing replay (slime's --use-rollout-routing-replay, PITFALLS 21) -----------------------------
+# --- routing replay (slime's --use-rollout-routing-replay, docs/pitfalls.md#routing-replay-across-turns) -----------------------------
 
 LAYERS, TOPK = 3, 2
 

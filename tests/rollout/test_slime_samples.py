@@ -14,7 +14,7 @@ from .conftest import ScriptedEngine, call, make_args, make_sample
 
 class StrictSlimeSample:
     """Mirrors current slime's Sample.append_response_tokens: trainable tokens need log-probs,
-    non-trainable tokens must come without them (PITFALLS 1), finish reasons set the status."""
+    non-trainable tokens must come without them (docs/pitfalls.md#env-tokens-with-log-probs), finish reasons set the status."""
 
     class Status(Enum):
         PENDING = "pending"

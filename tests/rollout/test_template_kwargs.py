@@ -1,4 +1,4 @@
-"""slime's --apply-chat-template-kwargs render every turn, not only the first (PITFALLS 20).
+"""slime's --apply-chat-template-kwargs render every turn, not only the first (docs/pitfalls.md#chat-template-kwargs-on-every-turn).
 
 Two templates that react to ``enable_thinking``: tiny-qwen3.5's own (thinking on by default, its
 generation prompt opens ``<think>\n``), and tiny-qwen3-vl with a Qwen3-style switch written here

@@ -8,7 +8,7 @@ manager do to a ``/generate`` body before the model sees it.
             SGLang's resize, its pixel tensors and image_grid_thw
 
 Importing SGLang's modules on a CPU machine needs one stub: ``torchvision`` (PyPI's build is a CUDA
-one that breaks next to the CPU torch wheel, see PITFALLS 18); SGLang's Qwen-VL processor uses it only
+one that breaks next to the CPU torch wheel, see docs/pitfalls.md#torchvision-next-to-the-cpu-torch-wheel); SGLang's Qwen-VL processor uses it only
 for videos (``InterpolationMode`` and a resize), never on the image path exercised here. transformers
 is asked whether torchvision exists before the stub is installed, so its image processors stay on
 PIL, and the stub is removed from ``sys.modules`` once SGLang's modules hold it. Environment variables

@@ -1,4 +1,4 @@
-"""Defence in depth (PITFALLS 22): a sample the rollout kept although its ids fall outside the
+"""Defence in depth (docs/pitfalls.md#engine-output-trusted-blindly): a sample the rollout kept although its ids fall outside the
 model's embedding or its log-probs are not finite is refused by the trainer, counted per step, and
 never reaches a forward pass or the loss."""
 
