@@ -182,10 +182,11 @@ async def test_sglang_resizing_differently_is_caught(sglang, family, processing_
 
     processing = processing_of(family)
     settings = IMAGE_PROCESSOR_SETTINGS[family]
-    small = Qwen2VLImageProcessorPil(**{**settings, "size": {**settings["size"], "longest_edge": 4 * settings["size"]["shortest_edge"]}})
+    size = settings["size"]
+    small = Qwen2VLImageProcessorPil(**{**settings, "size": {**size, "longest_edge": size["shortest_edge"]}})
     other = PROCESSOR_CLASSES[family](small, processing.tokenizer, chat_template=processing.processor.chat_template)
     front_end = SGLangFrontEnd(PRESETS[family], processing, processor=other)
-    out, server = await run_episode(front_end, family, processing, [(600, 600)], [(56, 84)])
+    out, server = await run_episode(front_end, family, processing, [(300, 300)], [(56, 84)], max_turns=1)
     assert out.status == Sample.Status.FAILED and out.remove_sample and out.reward == 0.0
     reason = out.metadata["status_reason"]
     theirs, ours = len(server.views[0].input_ids), out.prompt_length
