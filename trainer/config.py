@@ -69,6 +69,13 @@ class TrainConfig:
     kl_loss_coef: float = 0.0
     kl_loss_type: str = "low_var_kl"
     entropy_coef: float = 0.0
+    # --- supervised warm-start before GRPO (trainer.sft; local backend only) ---
+    sft_steps: int = 0  # 0: none; otherwise SFT steps on scripted tool-call transcripts, then GRPO
+    sft_data: str = ""  # geo3k-format parquet (or a directory with train.parquet); "": prompt_data
+    sft_batch_size: int = 8  # transcripts per SFT step
+    sft_transcripts_per_row: int = 2
+    sft_wrong_first: float = 0.5  # fraction of transcripts whose first call is wrong, the second right
+    sft_lr: float | None = None  # None: lr
     # --- optimizer (AdamW) ---
     lr: float = 1e-6
     adam_beta1: float = 0.9
@@ -168,6 +175,15 @@ class TrainConfig:
             )
         if self.save_interval is not None and self.save_interval < 1:
             raise ConfigError(f"save_interval must be >= 1 or None, got {self.save_interval}")
+        if self.sft_steps < 0 or self.sft_batch_size < 1 or self.sft_transcripts_per_row < 1:
+            raise ConfigError(
+                "sft_steps must be >= 0, sft_batch_size and sft_transcripts_per_row >= 1; got "
+                f"{self.sft_steps}, {self.sft_batch_size}, {self.sft_transcripts_per_row}"
+            )
+        if not 0 <= self.sft_wrong_first <= 1:
+            raise ConfigError(f"sft_wrong_first must be in [0, 1], got {self.sft_wrong_first}")
+        if self.sft_lr is not None and not (self.sft_lr > 0 and math.isfinite(self.sft_lr)):
+            raise ConfigError(f"sft_lr must be a positive number or null, got {self.sft_lr}")
         if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto"):
             raise ConfigError(
                 f'gradient_checkpointing must be true, false or "auto", got {self.gradient_checkpointing!r}'

@@ -148,6 +148,12 @@ def train(
     # Before the optimizer, which takes the parameters that are still trainable.
     checkpointing = prepare_for_training(policy.model, cfg)
     save_optimizer = resolve_save_optimizer(cfg.save_optimizer, policy.model)
+    if checkpoint is None and cfg.sft_steps:
+        # The supervised warm-start belongs to the run's start (a resumed run has it in its
+        # weights), and comes before GRPO's optimizer copies the weights into its master copies.
+        from trainer.sft import run_sft
+
+        run_sft(policy, cfg, run_dir, write=log)
     optimizer = MasterWeightAdamW(policy.model, cfg)
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)

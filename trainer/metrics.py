@@ -88,12 +88,13 @@ class MetricsLogger:
         wandb_project: str = "vlm-multiturn",
         wandb_group: str | None = None,
         config: dict[str, Any] | None = None,
+        desc: str = "GRPO",
     ) -> None:
         self.path = run_dir / "metrics.jsonl"
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the whole run
         self._bar = tqdm(
-            total=total_steps, initial=start_step, desc="GRPO", unit="step", disable=not progress
+            total=total_steps, initial=start_step, desc=desc, unit="step", disable=not progress
         )
         self._tensorboard = None
         self._wandb = None
@@ -125,12 +126,17 @@ class MetricsLogger:
             self._tensorboard.flush()
         if self._wandb is not None:
             self._wandb.log(finite, step=step)
-        self._bar.set_postfix(
-            reward=f"{metrics.get('rollout/reward_mean', 0.0):.3f}",
-            pass_=f"{metrics.get('rollout/pass_rate', 0.0):.2f}",
-            len=f"{metrics.get('rollout/response_length_mean', 0.0):.0f}",
-            refresh=False,
-        )
+        if "sft/loss" in metrics:
+            self._bar.set_postfix(
+                loss=f"{metrics['sft/loss']:.3f}", acc=f"{metrics.get('sft/token_accuracy', 0.0):.2f}", refresh=False
+            )
+        else:
+            self._bar.set_postfix(
+                reward=f"{metrics.get('rollout/reward_mean', 0.0):.3f}",
+                pass_=f"{metrics.get('rollout/pass_rate', 0.0):.2f}",
+                len=f"{metrics.get('rollout/response_length_mean', 0.0):.0f}",
+                refresh=False,
+            )
         self._bar.update(1)
 
     def write(self, message: str) -> None:

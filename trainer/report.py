@@ -67,23 +67,30 @@ def episode_record(
         list(sample.tokens[len(sample.tokens) - sample.response_length :]) if sample.response_length else []
     )
     mask = list(sample.loss_mask or [])
+    # Observation images in insertion order; each turn's record says how many its observation
+    # inserted, so every image is kept with the turn it followed.
+    observed = [image_data_uri(image) for image in metadata.get("observation_images") or [] if isinstance(image, Image.Image)]
     turns = []
+    position = 0
     for turn in metadata.get("turns") or []:
-        turns.append(
-            {
-                key: turn.get(key)
-                for key in (
-                    "turn",
-                    "finish_reason",
-                    "model_tokens",
-                    "env_tokens",
-                    "tool_call",
-                    "tool_executed",
-                    "score",
-                    "error",
-                )
-            }
-        )
+        record = {
+            key: turn.get(key)
+            for key in (
+                "turn",
+                "finish_reason",
+                "model_tokens",
+                "env_tokens",
+                "tool_call",
+                "tool_executed",
+                "score",
+                "error",
+            )
+        }
+        count = int(turn.get("observation_images") or 0)
+        record["observation_images"] = count
+        record["images"] = observed[position : position + count]
+        position += count
+        turns.append(record)
     prompt_images = (sample.multimodal_inputs or {}).get("images") or []
     status = getattr(sample.status, "name", str(sample.status))
     return {
@@ -98,11 +105,8 @@ def episode_record(
         "removed": bool(sample.remove_sample),
         "prompt": sample.prompt if isinstance(sample.prompt, str) else json.dumps(sample.prompt, default=str),
         "prompt_images": [image_data_uri(image) for image in prompt_images if isinstance(image, Image.Image)],
-        "observation_images": [
-            image_data_uri(image)
-            for image in metadata.get("observation_images") or []
-            if isinstance(image, Image.Image)
-        ],
+        # Images no turn record accounts for (records written before turns counted them).
+        "observation_images": observed[position:],
         "runs": _token_runs(tokenizer, response_ids, mask, image_pad_id),
         "turns": turns,
         "outcome": metadata.get("outcome"),
@@ -136,6 +140,8 @@ _PANELS = (
         "Tool calls",
         [("rollout/tool_call_validity", "valid / all calls"), ("rollout/turns_mean", "turns per episode")],
     ),
+    # Steps -sft_steps .. -1 of a run with a supervised warm-start (trainer.sft).
+    ("SFT warm-start", [("sft/loss", "loss (NLL per token)"), ("sft/token_accuracy", "token accuracy")]),
 )
 
 
@@ -146,8 +152,9 @@ def plot_metrics(records: list[dict[str, Any]], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(1, len(_PANELS), figsize=(5 * len(_PANELS), 3.6), constrained_layout=True)
-    for ax, (title, series) in zip(axes, _PANELS, strict=True):
+    panels = [p for p in _PANELS if p[0] != "SFT warm-start" or any("sft/loss" in r for r in records)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), constrained_layout=True)
+    for ax, (title, series) in zip(axes, panels, strict=True):
         for key, label in series:
             values = [r.get(key) for r in records]
             values = [math.nan if v is None else float(v) for v in values]
@@ -202,6 +209,8 @@ _SUMMARY_KEYS = (
     "train/logprob_abs_diff_mean",
     "perf/rollout_time_s",
     "perf/update_time_s",
+    "sft/loss",  # the supervised warm-start's steps (negative step numbers)
+    "sft/token_accuracy",
 )
 
 
@@ -273,10 +282,37 @@ def _episode_html(record: dict[str, Any]) -> str:
             if model_run < len(turns):
                 out.append(_turn_line(turns[model_run]))
             model_run += 1
+        elif 0 < model_run <= len(turns):
+            # The env tokens after model turn k are turn k's observation: its images go here.
+            for uri in turns[model_run - 1].get("images") or []:
+                out.append(
+                    f"<span class='label'>image inserted after turn {model_run}</span><img class='diagram' src='{uri}'>"
+                )
     for uri in record.get("observation_images") or []:
         out.append(f"<span class='label'>image returned by the env</span><img class='diagram' src='{uri}'>")
     out.append("</div>")
     return "\n".join(out)
+
+
+def _env_line(config: dict[str, Any]) -> str:
+    """Which env the run trained on and the plugin settings it ran with, from the plugin YAML with
+    the trainer's overrides."""
+    path = config.get("custom_config_path")
+    try:
+        from rollout.config import RolloutConfig
+
+        plugin = RolloutConfig.from_yaml(path) if path else RolloutConfig()
+        env, turns, kwargs = plugin.rollout_interaction_env_path, plugin.max_turns, plugin.env_kwargs
+        per_turn, tools = plugin.max_tokens_per_turn, plugin.tools_in_prompt
+    except Exception as exc:  # a report is still worth writing
+        return f"env: unknown (plugin config {path}: {exc})"
+    turns = config.get("max_turns") or turns
+    per_turn = config.get("max_tokens_per_turn") or per_turn
+    kwargs = config.get("env_kwargs") if config.get("env_kwargs") is not None else kwargs
+    return (
+        f"env {env} · plugin config {path} · max_turns={turns} · max_tokens_per_turn={per_turn} · "
+        f"tools_in_prompt={tools} · env_kwargs={json.dumps(kwargs, default=str)}"
+    )
 
 
 def select_episodes(episodes: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
@@ -312,6 +348,7 @@ def write_report(
         f"<p class='meta'>{html.escape(str(run_dir))} · {len(records)} steps</p>",
     ]
     if config:
+        parts.append("<p class='meta'>" + html.escape(_env_line(config)) + "</p>")
         keys = (
             "hf_checkpoint",
             "prompt_data",

@@ -58,18 +58,26 @@ from trainer.slime_launch import (  # noqa: E402
 
 DEFAULT_PLUGIN_CONFIG = REPO_ROOT / "configs" / "geo3k_vlm_multi_turn.yaml"
 DEMO_MODEL = "tiny-qwen2.5-vl-small-vocab"
-DEMO_DATA_DIR = REPO_ROOT / "runs" / "data" / "geo3k-sample"
-DEMO_PROBLEMS = 64
-# The demo: small enough for 2 CPU cores in a few minutes, large enough to show groups and turns.
+DEMO_DATA_DIR = REPO_ROOT / "runs" / "data" / "geo3k-demo"
+# Few problems, each seen in several steps: a tiny random-init model can learn the answers of a
+# handful of diagrams (it cannot learn geometry).
+DEMO_PROBLEMS = 8
+# The demo: a supervised warm-start on scripted tool-call transcripts of the sample problems (half
+# of them wrong first, then right after the env says "incorrect"), then GRPO on multi-turn episodes.
+# Sized for 2 CPU cores in about three minutes.
 DEMO_SETTINGS: dict[str, Any] = {
+    "sft_steps": 40,
+    "sft_lr": 3e-3,
+    "sft_batch_size": 8,
+    "sft_transcripts_per_row": 4,
+    "sft_wrong_first": 0.5,
     "num_rollout": 16,
     "rollout_batch_size": 4,
     "n_samples_per_prompt": 8,
-    "rollout_max_response_len": 256,
-    # A random model rarely ends its turn by itself: the cap hands each 64-token turn to the env, so
-    # the report shows tool feedback and up to three turns per episode.
-    "max_tokens_per_turn": 64,
-    "lr": 1e-5,
+    # Two calls and the env's feedback (about 130 tokens each) fit, three nearly.
+    "rollout_max_response_len": 384,
+    "max_tokens_per_turn": 48,
+    "lr": 1e-4,
     "micro_batch_size": 8,
     "device": "cpu",
     "report_episodes": 8,
@@ -135,8 +143,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         ("lr", float),
         ("save-interval", int),
         ("seed", int),
+        ("sft-steps", int),
     ):
         parser.add_argument(f"--{name}", type=kind, help="trainer setting of the same name")
+    parser.add_argument(
+        "--sft-data",
+        help="local: geo3k-format parquet (or a directory with train.parquet) whose rows give the "
+        "SFT warm-start's tool-call transcripts (default: the training data); used with --sft-steps",
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -171,8 +185,10 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "lr",
         "save_interval",
         "seed",
+        "sft_steps",
+        "sft_data",
     ):
-        if getattr(args, key) is not None:
+        if getattr(args, key, None) is not None:
             values[key] = getattr(args, key)
     for item in args.set:
         key, sep, raw = item.partition("=")
