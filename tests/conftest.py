@@ -69,7 +69,6 @@ def qwen35_small_policy():
 # attention) Qwen3.5, dense and MoE.
 FAMILY_POLICIES = ["qwen25_policy", "qwen3_policy", "qwen35_policy", "qwen35_moe_policy"]
 SMALL_VOCAB_POLICIES = ["qwen25_small_policy", "qwen3_small_policy", "qwen35_small_policy"]
-FAMILY_CHECKPOINTS = ["tiny-qwen2.5-vl", "tiny-qwen3-vl", "tiny-qwen3.5", "tiny-qwen3.5-moe"]
 
 
 @pytest.fixture(params=FAMILY_POLICIES)
