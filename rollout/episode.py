@@ -43,6 +43,7 @@ from rollout.engines.base import FINISH_ABORT, FINISH_LENGTH, Engine, EngineErro
 from rollout.image_cache import ProcessedImage, ProcessedImageCache
 from rollout.observation import ObservationEncoder
 from rollout.processing import ImagePadMismatch, Processing
+from rollout.prompts import prompt_messages
 from rollout.trajectory import Segment, Trajectory, token_array
 
 
@@ -154,9 +155,17 @@ async def _tensors_ready(entries: list[ProcessedImage]) -> None:
         entry.tensors.result()
 
 
-def _encode_prompt(ctx: EpisodeContext, sample: Any) -> _State:
+def _encode_prompt(ctx: EpisodeContext, sample: Any, args: Any = None) -> _State:
     processing = ctx.processing
     prompt = sample.prompt
+    if isinstance(prompt, str) and getattr(args, "apply_chat_template", None) is False:
+        # slime without --apply-chat-template hands over the row's text: the prompt is built from
+        # messages (the env module's prompt hook) and rendered below, with the env's TOOLS.
+        try:
+            raw = list((getattr(sample, "multimodal_inputs", None) or {}).get("images") or [])
+            prompt = prompt_messages(prompt, raw, ctx.env_module)
+        except (TypeError, ValueError) as exc:
+            raise _EpisodeEnded("FAILED", f"prompt: {exc}") from None
     if not isinstance(prompt, str):
         tools = getattr(ctx.env_module, "TOOLS", None) if ctx.config.tools_in_prompt else None
         prompt = processing.tokenizer.apply_chat_template(
@@ -564,7 +573,7 @@ def _set_up(ctx: EpisodeContext, sample: Any, args: Any) -> tuple[_State, Any, E
     """Encode the prompt, then build and reset the env, in one trip to the env threads: with
     hundreds of episodes starting at once, every extra hand-off back to the event loop queues
     behind everyone else's and delays the episode's first request."""
-    state = _encode_prompt(ctx, sample)
+    state = _encode_prompt(ctx, sample, args)
     try:
         return state, _build_and_reset(ctx, sample, args), None
     except Exception as exc:

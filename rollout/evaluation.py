@@ -39,6 +39,8 @@ from typing import Any
 
 from PIL import Image
 
+from envs.images import ImageLoadError, load_image
+
 STATUSES: tuple[str, ...] = ("COMPLETED", "TRUNCATED", "ABORTED", "FAILED")
 
 
@@ -111,6 +113,8 @@ class SampleResult:
     response_tokens: int
     valid_tool_calls: int
     invalid_tool_calls: int
+    #: Images each turn's observation inserted (an env whose tools return images, e.g. zoom).
+    observation_images: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -291,6 +295,7 @@ def sample_result(sample: Any, position: int, score: float, *, correct_at: float
         response_tokens=int(getattr(sample, "response_length", 0) or 0),
         valid_tool_calls=valid,
         invalid_tool_calls=invalid,
+        observation_images=[int(turn.get("observation_images") or 0) for turn in turns],
     )
 
 
@@ -341,11 +346,7 @@ class _TurnSeeded:
 
 
 def _problem_fields(item: Any, position: int) -> tuple[int, str]:
-    """The index to report a problem under, and its label."""
-    from envs.geo3k.dataset import Geo3kRow
-
-    if isinstance(item, Geo3kRow):
-        return item.index, item.answer
+    """The index to report a problem under, and its label (``label``, or a dataset row's ``answer``)."""
     index = getattr(item, "index", None)
     if index is None:
         index = getattr(item, "row", None)  # the trainer's Prompt
@@ -380,22 +381,47 @@ def _fresh_copy(sample: Any, index: int, group_index: int) -> Any:
     return clone
 
 
+class RowImageError(ImageLoadError):
+    """An image of an input row that cannot be loaded; the message names the row and the image."""
+
+
+def _item_images(item: Any, index: int) -> list[Any]:
+    """The item's images decoded: PIL images as they are, references (paths, data URIs) loaded."""
+    images = []
+    for k, ref in enumerate(getattr(item, "images", ()) or ()):
+        if isinstance(ref, Image.Image):
+            images.append(ref)
+            continue
+        try:
+            images.append(load_image(ref))
+        except ImageLoadError as error:
+            raise RowImageError(f"row {index} image {k}: {error}") from error
+    return images
+
+
 def _build_samples(
-    item: Any, n: int, group: int, tokenizer: Any, template_kwargs: dict[str, Any]
+    item: Any,
+    n: int,
+    group: int,
+    tokenizer: Any,
+    template_kwargs: dict[str, Any],
+    tools: list[dict[str, Any]] | None = None,
+    env_module: Any = None,
 ) -> list[Any]:
-    """``n`` fresh samples for one input item, prompts rendered with ``template_kwargs`` (slime's
-    --apply-chat-template-kwargs); raises ValueError/RowImageError for unusable input."""
-    from envs.geo3k.dataset import Geo3kRow, load_row_images
+    """``n`` fresh samples for one input item, prompts built from messages (the env module's prompt
+    hook, its ``tools``) and rendered with ``template_kwargs`` (slime's --apply-chat-template-kwargs);
+    raises ValueError (RowImageError) for unusable input."""
     from rollout.prompts import build_sample
 
     if hasattr(item, "prompt") and not hasattr(item, "problem"):
         return [_fresh_copy(item, group * n + j, group) for j in range(n)]
-    _, label = _problem_fields(item, group)
-    images = load_row_images(item) if isinstance(item, Geo3kRow) else list(getattr(item, "images", ()) or ())
+    index, label = _problem_fields(item, group)
+    images = _item_images(item, index)
     return [
         build_sample(
             item.problem, images, label, tokenizer,
             index=group * n + j, group_index=group, template_kwargs=template_kwargs,
+            tools=tools, env_module=env_module,
         )  # fmt: skip
         for j in range(n)
     ]
@@ -438,7 +464,7 @@ async def evaluate(
     """
     import rollout
     from rollout.config import RolloutConfig
-    from rollout.prompts import chat_template_kwargs
+    from rollout.prompts import chat_template_kwargs, prompt_context
     from rollout.runtime import RolloutRuntime
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -448,6 +474,7 @@ async def evaluate(
     ks = check_ks(ks, n)
     config = RolloutConfig.from_args(args)
     template_kwargs = chat_template_kwargs(args)
+    env_module, tools = prompt_context(args)
     own_runtime = runtime is None
     if own_runtime:
         runtime = RolloutRuntime()
@@ -476,7 +503,7 @@ async def evaluate(
     for group, item in enumerate(samples_or_rows):
         index, label = _problem_fields(item, group)
         try:
-            samples = _build_samples(item, n, group, tokenizer, template_kwargs)
+            samples = _build_samples(item, n, group, tokenizer, template_kwargs, tools, env_module)
         except (ValueError, OSError) as exc:  # RowImageError is a ValueError
             results.append(_failed_problem(index, label, n, f"{type(exc).__name__}: {exc}"))
             continue

@@ -95,9 +95,11 @@ def sampling_params(cfg: TrainConfig, seed: int) -> dict[str, Any]:
 
 
 def build_group_samples(prompts: list[Prompt], cfg: TrainConfig, tokenizer, rollout_id: int) -> list[Any]:
-    """``n_samples_per_prompt`` fresh samples per prompt, prompt-major (a group's samples adjacent)."""
-    from rollout.prompts import build_sample
+    """``n_samples_per_prompt`` fresh samples per prompt, prompt-major (a group's samples adjacent);
+    prompts built from messages by the env module, with its TOOLS when ``tools_in_prompt`` is on."""
+    from rollout.prompts import build_sample, prompt_context
 
+    env_module, tools = prompt_context(types.SimpleNamespace(**plugin_settings(cfg)))
     samples = []
     for g, prompt in enumerate(prompts):
         group_index = rollout_id * cfg.rollout_batch_size + g
@@ -110,6 +112,8 @@ def build_group_samples(prompts: list[Prompt], cfg: TrainConfig, tokenizer, roll
                     tokenizer,
                     index=group_index * cfg.n_samples_per_prompt + j,
                     group_index=group_index,
+                    tools=tools,
+                    env_module=env_module,
                 )
             )
     return samples

@@ -206,6 +206,7 @@ async def test_tiny_model_report_is_complete(qwen25_small_policy, sample_problem
         "response_tokens",
         "valid_tool_calls",
         "invalid_tool_calls",
+        "observation_images",
     }
 
 
