@@ -64,6 +64,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-turns", type=int, default=None, help="override the plugin config's max_turns")
     parser.add_argument(
+        "--max-tokens-per-turn",
+        type=int,
+        default=None,
+        help="override the plugin config's per-turn generation cap (what training ran with, e.g. the demo's 64)",
+    )
+    parser.add_argument(
+        "--tools-in-prompt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override the plugin config's tools_in_prompt (render the env's TOOLS into the prompt)",
+    )
+    parser.add_argument(
         "--config", type=Path, default=DEFAULT_PLUGIN_CONFIG, help="plugin YAML (env, max_turns, env_kwargs)"
     )
     parser.add_argument("--concurrency", type=int, default=64, help="episodes in flight at once")
@@ -77,8 +89,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.sglang_url and not args.hf_checkpoint:
         parser.error("--sglang-url needs --hf-checkpoint (the served model's tokenizer and processor)")
-    for name in ("n_samples", "concurrency", "max_new_tokens"):
-        if getattr(args, name) < 1:
+    for name in ("n_samples", "concurrency", "max_new_tokens", "max_tokens_per_turn"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, got {args.limit}")
@@ -100,6 +112,10 @@ def rollout_args(cli: argparse.Namespace, engine: Any, hf_checkpoint: str) -> ty
         setattr(args, name, getattr(plugin, name))
     if cli.max_turns is not None:
         args.max_turns = cli.max_turns
+    if getattr(cli, "max_tokens_per_turn", None) is not None:
+        args.max_tokens_per_turn = cli.max_tokens_per_turn
+    if getattr(cli, "tools_in_prompt", None) is not None:
+        args.tools_in_prompt = cli.tools_in_prompt
     return args
 
 

@@ -90,3 +90,22 @@ def test_the_generic_layers_do_not_import_geo3k() -> None:
     for name in ("rollout/prompts.py", "rollout/evaluation.py", "rollout/episode.py", "trainer/report.py"):
         source = (root / name).read_text()
         assert not re.search(r"^\s*(from|import) envs\.geo3k\b", source, flags=re.M), name
+
+
+def test_eval_takes_the_per_turn_cap_and_tools_in_prompt(tmp_path: Path) -> None:
+    import importlib.util
+
+    from rollout.config import RolloutConfig
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "geo3k_vlm_multi_turn" / "eval_geo3k.py"
+    spec = importlib.util.spec_from_file_location("eval_geo3k_cli", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base = ["--data", str(tmp_path / "test.parquet"), "--model", "tiny-qwen2.5-vl"]
+    cli = module.parse_args([*base, "--max-tokens-per-turn", "64", "--tools-in-prompt"])
+    config = RolloutConfig.from_args(module.rollout_args(cli, engine=None, hf_checkpoint="tiny-qwen2.5-vl"))
+    assert (config.max_tokens_per_turn, config.tools_in_prompt) == (64, True)
+    plain = RolloutConfig.from_args(module.rollout_args(module.parse_args(base), None, "tiny-qwen2.5-vl"))
+    assert (plain.max_tokens_per_turn, plain.tools_in_prompt) == (None, False)
+    with pytest.raises(SystemExit):
+        module.parse_args([*base, "--max-tokens-per-turn", "0"])
