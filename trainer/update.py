@@ -146,6 +146,10 @@ def policy_update(
                 log_probs, entropy = micro_batch_log_probs(
                     model, batch, temperature=cfg.rollout_temperature, with_entropy=True
                 )
+                if not cfg.entropy_coef:
+                    # Only logged: dropping its graph here frees the saved exp(log-probs) over the
+                    # whole vocabulary (0.6 GiB for 1,024 tokens of a 152k vocabulary) before backward.
+                    entropy = entropy.detach()
                 mask = batch.loss_mask
                 train_before = (
                     _aligned(batch, before) if before is not None else log_probs.detach().float().cpu()
@@ -166,7 +170,7 @@ def policy_update(
                     num_samples_in_step=len(step_items),
                     eps_clip=cfg.eps_clip,
                     eps_clip_high=cfg.eps_clip_high,
-                    entropy=entropy if cfg.entropy_coef else entropy.detach(),
+                    entropy=entropy,
                     entropy_coef=cfg.entropy_coef,
                     ref_log_probs=ref,
                     kl_loss_coef=cfg.kl_loss_coef,
