@@ -21,7 +21,7 @@ def test_file_loads_once_under_a_private_name(fixtures_dir: Path) -> None:
     assert module.__name__.startswith("_envfile_good_sync_env_")
     assert load_env_module(path) is module
     env = build_and_check_env(module)
-    assert env.step("abc") == ({"obs_str": "you wrote 3 characters", "role": "tool"}, False, {})
+    assert env.step("abc") == ({"obs_str": "you wrote 3 characters", "role": "tool"}, False, {"score": 0.0})
 
 
 def test_typo_in_module_name_suggests_the_sibling() -> None:
