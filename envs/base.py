@@ -11,10 +11,17 @@ An environment turns the model's text into feedback, one turn at a time::
 The rest of the project relies on these method names and return shapes only (duck typing), so
 envs written for slime's geo3k example, which do not subclass anything of ours, work unchanged.
 Subclassing :class:`BaseInteractionEnv` is a convenience: it provides ``format_observation`` and
-``close``.
+``close``; tool-calling envs subclass :class:`envs.tool_env.ToolEnv`.
 
 Observations are dicts in slime's shape: ``{"obs_str": text, "role": "tool"}``, optionally with
-``"multi_modal_data": {"image": [PIL.Image, ...]}``.
+``"multi_modal_data": {"image": [image, ...]}`` (PIL images, file paths or data URIs).
+
+Besides the methods, the rollout reads ``env.outcome`` (``score`` is the reward;
+``grader_unavailable`` fails the episode), the step-info keys ``tool_executed``, ``tool_call``,
+``answer``, ``score`` and ``error``, and the env module's ``TOOLS`` and optional
+``build_prompt_messages``. docs/environments.md is the full contract: when observations are
+inserted, how images count against budgets, where the reward comes from; ``python -m envs.check``
+checks it.
 
 This module also owns :func:`call_step` / :func:`call_reset`, which run a sync method in a worker
 thread (so a slow step never blocks the rollout's event loop) and await an async one, and
