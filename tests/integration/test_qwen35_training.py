@@ -35,6 +35,7 @@ def test_launcher_trains_qwen35_for_two_steps(model, demo_data, tmp_path):
         "--data-dir", str(demo_data), "--output-dir", str(run_dir),
         "--num-rollout", "2", "--rollout-batch-size", "1", "--n-samples-per-prompt", "2",
         "--rollout-max-response-len", "24", "--set", "max_tokens_per_turn=8", "--set", "micro_batch_size=2",
+        "--sft-steps", "0",  # GRPO alone: the demo's supervised warm-start is tested on its own
     ]  # fmt: skip
     assert _launcher().main(argv) == 0
     metrics = [json.loads(line) for line in next(run_dir.rglob("metrics.jsonl")).read_text().splitlines()]
