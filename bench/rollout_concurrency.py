@@ -1132,22 +1132,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grader-max-workers", type=int, default=None,
                         help="Grader max_workers (default: twice --grader-workers)")  # fmt: skip
     parser.add_argument("--grader-niceness", type=int, default=10, help="Grader niceness")
-    parser.add_argument("--grader-cpus", default=None,
-                        help="Grader cpus, comma-separated, or 'all' (default: every CPU but the lowest)")  # fmt: skip
     parser.add_argument("--scenarios", default="clean,hostile")
     parser.add_argument("--hostile-answer", default=HOSTILE_ANSWER, help="what hostile episodes answer first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warm-prompts", type=int, default=None,
                         help="prompts of the untimed warm-up batch (default: as many as timed; none is reused)")  # fmt: skip
     return parser.parse_args(argv)
-
-
-def _cpu_set(option: str | None) -> frozenset[int] | None:
-    if option is None:
-        return None
-    if option == "all":
-        return frozenset(os.sched_getaffinity(0))
-    return frozenset(int(cpu) for cpu in option.split(","))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1170,7 +1160,6 @@ def main(argv: list[str] | None = None) -> None:
         spare_workers=opts.grader_spares,
         niceness=opts.grader_niceness,
         max_workers=opts.grader_max_workers,
-        cpus=_cpu_set(opts.grader_cpus),
     )
     set_default_grader(grader)
     grader.wait_ready()
@@ -1195,8 +1184,7 @@ def main(argv: list[str] | None = None) -> None:
         "turns": "solved at turn 1 / 2 / all three turns: " + " / ".join(f"{w:.0%}" for w in TURN_WEIGHTS),
         "prompts": "rendered geo3k problems, one 448x448 diagram each, tokenizer tiny-qwen2.5-vl",
         "grading": f"{opts.grader_workers} worker processes (at most {grader.max_workers} while some are "
-        f"slow) + {opts.grader_spares} spare, niceness {opts.grader_niceness}, timeout {opts.grading_timeout:g} s, "
-        f"on CPUs {','.join(map(str, sorted(grader.cpus))) if grader.cpus else 'all'} of {os.cpu_count()}",
+        f"slow) + {opts.grader_spares} spare, niceness {opts.grader_niceness}, timeout {opts.grading_timeout:g} s",
         "hostile": f"every {opts.hostile_every}th multi-turn episode answers {opts.hostile_answer} at turn 1",
     }
     print_report(settings, results, config)

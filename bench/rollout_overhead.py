@@ -21,11 +21,12 @@ costs (prompt encoding with a 448x448 image, env build/reset/close, finishing th
 reported on their own rows and are not spread over turns. For the geo3k case the turn is split by
 timers around the episode's steps: grading (``Grader.grade``: pipe round trip + math-verify in the
 worker; the bare pipe round trip is measured separately against an echo process), the rest of
-``env.step`` (parsing, feedback), the observation (chat template and tokenizer; the rest:
-``format_observation``, image lookups), all three in one trip to an env thread, the hand-off to
-that thread and back, and bookkeeping (the rest of the turn loop). ``--profile`` prints a cProfile
-of the geo3k text turns (the loop thread and the env thread, merged; prompt encoding and finishing
-excluded), from a separate pass, so the timings above carry no profiler overhead.
+``env.step`` (parsing, feedback) with its trip to an env thread, the observation's encoding in an
+env thread (chat template and tokenizer; the rest: image lookups and payloads),
+``format_observation`` with the observation's trip, and bookkeeping (the rest of the turn loop).
+``--profile`` prints a cProfile of the geo3k text turns (the loop thread and the observation's
+env-thread work, merged; prompt encoding and finishing excluded), from a separate pass, so the
+timings above carry no profiler overhead.
 
 The replies cycle through three fixed answers, so math-verify's own caches make grading cheaper
 than for fresh answers; the fresh-answer grading cost is measured and printed separately.
@@ -173,21 +174,32 @@ class Timers:
                     self.loop_profile.disable()
                 timers.add("turn loop", time.perf_counter() - started)
 
-        real_step_and_observe = episode._step_and_observe
+        real_call_env = episode._call_env
 
-        def step_and_observe(*args):
+        async def call_env(ctx, method, *args):
+            # The env's own calls (step, format_observation), timed from the loop: the thread hand-off included.
+            started = time.perf_counter()
+            try:
+                return await real_call_env(ctx, method, *args)
+            finally:
+                if getattr(method, "__name__", "") == "step":
+                    timers.add("env.step seen from the loop", time.perf_counter() - started)
+
+        real_encode_and_insert = episode._encode_and_insert
+
+        def encode_and_insert(*args):
             started = time.perf_counter()
             try:
                 if self.profiling:
-                    return self.env_profile.runcall(real_step_and_observe, *args)
-                return real_step_and_observe(*args)
+                    return self.env_profile.runcall(real_encode_and_insert, *args)
+                return real_encode_and_insert(*args)
             finally:
-                timers.add("env work in its thread", time.perf_counter() - started)
+                timers.add("observation in its thread (encode, images)", time.perf_counter() - started)
 
         self._swap(episode, "_turn_loop", turn_loop)
         self._swap(episode, "_env_turn", timed_async("env work seen from the loop", episode._env_turn))
-        self._swap(episode, "_step_and_observe", step_and_observe)
-        self._swap(episode, "_observe", timed("observation (format, encode, images)", episode._observe))
+        self._swap(episode, "_call_env", call_env)
+        self._swap(episode, "_encode_and_insert", encode_and_insert)
         self._swap(episode, "_encode_observation", timed("observation encoding", episode._encode_observation))
         self._swap(episode, "_encode_prompt", timed("prompt encoding", episode._encode_prompt))
         self._swap(episode, "_finish", timed("finishing the sample", episode._finish))
@@ -309,15 +321,17 @@ async def measure(family, checkpoint, episodes, profile):
             "turns per episode": turns / episodes,
             "per turn, ms": per_turn * 1e3,
             "grading": s["grading"] / turns * 1e3,
-            "env.step without grading (parse, feedback)": (
-                s["env work in its thread"] - s["observation (format, encode, images)"] - s["grading"]
+            "env.step without grading, with its thread hand-off": (
+                s["env.step seen from the loop"] - s["grading"]
             ) / turns * 1e3,
             "observation encoding (chat template, tokenizer)": s["observation encoding"] / turns * 1e3,
-            "observation, the rest (format_observation, image lookups)": (
-                s["observation (format, encode, images)"] - s["observation encoding"]
+            "observation, the rest (image lookups and payloads)": (
+                s["observation in its thread (encode, images)"] - s["observation encoding"]
             ) / turns * 1e3,
-            "hand-off to the env thread and back": (s["env work seen from the loop"] - s["env work in its thread"])
-            / turns * 1e3,
+            "format_observation and the observation's thread hand-off": (
+                s["env work seen from the loop"] - s["env.step seen from the loop"]
+                - s["observation in its thread (encode, images)"]
+            ) / turns * 1e3,
             "bookkeeping (rest of the turn loop)": (
                 s["turn loop"] - engine.time_s - s["env work seen from the loop"]
             ) / turns * 1e3,

@@ -25,9 +25,7 @@ Its ``status`` says whether the answer was graded; every status other than CORRE
 The time a call spends waiting for a free worker does not count against the answer's timeout (a
 busy pool must not turn a correct answer into a timeout); it is bounded by ``wait_timeout_s``.
 Each worker's address space is capped at its size after start-up plus ``memory_limit_mb``, so a
-hostile answer cannot take the machine's memory within its timeout. Workers run on all the CPUs
-the process may use but one (see ``cpus``), so that answers burning every worker's core until
-their timeout cannot take the last core from the caller's event loop.
+hostile answer cannot take the machine's memory within its timeout.
 
 Answers may be bare (``7/2``, ``60^\\circ``, ``x = 5``) or contain ``\\boxed{...}``, whose content
 (nested braces included) is what gets graded; see :func:`extract_boxed` and :func:`prepare_answer`.
@@ -47,7 +45,6 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
 from multiprocessing.connection import Connection
@@ -292,15 +289,9 @@ def prepare_answer(text: str) -> str:
 # Worker process side
 
 
-def _worker_main(
-    conn: Connection, memory_limit_mb: int | None, niceness: int = 0, cpus: frozenset[int] | None = None
-) -> None:
+def _worker_main(conn: Connection, memory_limit_mb: int | None, niceness: int = 0) -> None:
     # Ctrl-C reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if cpus is not None:
-        # Before any other thread starts: threads inherit the mask of the thread that starts them.
-        with contextlib.suppress(OSError, AttributeError):
-            os.sched_setaffinity(0, cpus)
     _exit_with_parent()
     if niceness:
         # A hostile answer burns a core until its timeout; at a lower priority it takes that core
@@ -457,13 +448,11 @@ class _NoWorker(Exception):
 
 
 class _Worker:
-    def __init__(
-        self, ctx: Any, memory_limit_mb: int | None, niceness: int = 0, cpus: frozenset[int] | None = None
-    ) -> None:
+    def __init__(self, ctx: Any, memory_limit_mb: int | None, niceness: int = 0) -> None:
         self.conn, child_conn = ctx.Pipe(duplex=True)
         self.process = ctx.Process(
             target=_worker_main,
-            args=(child_conn, memory_limit_mb, niceness, cpus),
+            args=(child_conn, memory_limit_mb, niceness),
             name="envs-grading-worker",
             daemon=True,
         )
@@ -523,14 +512,6 @@ class Grader:
     (``os.nice``), so that answers that burn a core until their timeout slow the caller's threads
     as little as possible.
 
-    ``cpus`` is the set of CPU numbers the workers may run on (``os.sched_setaffinity``; ignored
-    where the platform has no CPU affinity). By default it is every CPU this process may use but
-    the lowest-numbered one, which the workers leave to the caller: with every worker burning a
-    core on a hostile answer, the event loop would otherwise wait for a core (on a 2-core machine,
-    for up to tens of milliseconds at a time, whatever the workers' niceness). A process limited
-    to one CPU shares it with the workers. ``cpus=os.sched_getaffinity(0)`` lets the workers use
-    every CPU.
-
     A worker that has spent ``slow_answer_s`` on one answer stops counting toward ``workers``:
     when callers wait for a worker while some are stuck like that, the pool grows (a started spare
     first), up to ``max_workers`` in all (twice ``workers`` by default), so that ordinary answers
@@ -552,7 +533,6 @@ class Grader:
         niceness: int = 10,
         max_workers: int | None = None,
         slow_answer_s: float = 0.25,
-        cpus: Collection[int] | None = None,
     ) -> None:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"Grader workers must be an integer >= 1, got {workers!r}")
@@ -581,7 +561,6 @@ class Grader:
         self.niceness = niceness
         self.max_workers = max_workers
         self.slow_answer_s = float(slow_answer_s)
-        self.cpus = _worker_cpus(cpus)
         self._ctx = multiprocessing.get_context(start_method)
         self._lock = threading.Lock()
         self._idle: queue.Queue[_Worker] = queue.Queue()
@@ -753,7 +732,7 @@ class Grader:
     # -- pool internals -------------------------------------------------------------------------
 
     def _new_worker(self) -> _Worker:
-        return _Worker(self._ctx, self.memory_limit_mb, self.niceness, self.cpus)
+        return _Worker(self._ctx, self.memory_limit_mb, self.niceness)
 
     def _spawn_locked(self) -> None:
         worker = self._spares.pop(0) if self._spares else self._new_worker()
@@ -850,36 +829,6 @@ def _check_timeout(name: str, value: Any) -> float:
     ):
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
     return float(value)
-
-
-def _allowed_cpus() -> frozenset[int] | None:
-    """The CPUs this process may run on, or None where the platform has no CPU affinity."""
-    try:
-        return frozenset(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return None
-
-
-def _worker_cpus(cpus: Collection[int] | None) -> frozenset[int] | None:
-    """The affinity mask for the workers (None: leave it alone); see :class:`Grader`'s ``cpus``."""
-    allowed = _allowed_cpus()
-    if cpus is None:
-        if allowed is None or len(allowed) < 2:
-            return None
-        return allowed - {min(allowed)}
-    if isinstance(cpus, (str, bytes)) or not isinstance(cpus, Collection):
-        raise ValueError(f"Grader cpus must be a collection of CPU numbers, got {cpus!r}")
-    chosen = frozenset(cpus)
-    if not chosen or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in chosen):
-        raise ValueError(f"Grader cpus must be a non-empty collection of CPU numbers (int >= 0), got {cpus!r}")
-    if allowed is None:
-        return None
-    if not chosen <= allowed:
-        raise ValueError(
-            f"Grader cpus {sorted(chosen)} include CPUs this process may not use "
-            f"({sorted(chosen - allowed)}); it may use {sorted(allowed)}"
-        )
-    return None if chosen == allowed else chosen
 
 
 _default_grader: Grader | None = None

@@ -24,12 +24,10 @@ episode TRUNCATED; it is never inserted partially, so an image's pad run is neve
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import inspect
 import time
 import traceback
-from array import array
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +42,7 @@ from rollout.image_cache import ProcessedImage, ProcessedImageCache
 from rollout.observation import ObservationEncoder
 from rollout.processing import ImagePadMismatch, Processing
 from rollout.prompts import prompt_messages
-from rollout.trajectory import Segment, Trajectory, token_array
+from rollout.trajectory import Segment, Trajectory
 
 
 @dataclass
@@ -96,7 +94,7 @@ class _EpisodeEnded(Exception):
 @dataclass
 class _State:
     trajectory: Trajectory = field(default_factory=Trajectory)
-    request_ids: array = field(default_factory=token_array)  # what the next request sends
+    request_ids: list[int] = field(default_factory=list)  # what the next request sends
     images: list[Any] = field(default_factory=list)  # PIL, token order
     payloads: list[Any] = field(default_factory=list)  # what the engine is sent for each image
     entries: list[ProcessedImage] = field(default_factory=list)  # their tensors, possibly still on the way
@@ -188,10 +186,10 @@ def _encode_prompt(ctx: EpisodeContext, sample: Any, args: Any = None) -> _State
         raise _EpisodeEnded("FAILED", f"prompt: {exc}") from None
     except Exception as exc:  # e.g. an aspect ratio the processor refuses
         raise _EpisodeEnded("FAILED", f"prompt image could not be processed: {type(exc).__name__}: {exc}") from None
-    state.trajectory.prompt_ids = token_array(ids)
+    state.trajectory.prompt_ids = ids
     # One pad per image, expanded by the engine (see rollout.config). Compressing the rendered
     # prompt (a pad or two) gives what compressing the expansion would.
-    state.request_ids = token_array(processing.compress_image_pads(rendered))
+    state.request_ids = processing.compress_image_pads(rendered)
     return state
 
 
@@ -246,88 +244,42 @@ async def _turn_loop(ctx, args, sample, sampling_params, state: _State, env) -> 
     return "COMPLETED", "max_turns reached"
 
 
-@dataclass(slots=True)
-class _EnvWork:
-    """What one turn's env work produced, handed back from the env threads in one piece."""
-
-    step: tuple[Any, Any, Any] | None = None  # (observation, done, info)
-    step_error: Exception | None = None
-    step_traceback: str = ""
-    inserted: tuple[Any, ...] | None = None  # _observation_insert's result
-    observation_error: Exception | None = None
-    env_s: float = 0.0
-
-    def wants_observation(self, final: bool) -> bool:
-        """The step went through, the env is not done and another turn follows."""
-        return self.step is not None and not self.step[1] and not final
-
-
 async def _env_turn(ctx: EpisodeContext, state: _State, record: TurnRecord, env: Any, text: str):
     """``env.step`` on the model's text, then the observation it returns, formatted and encoded for
-    the next turn: (trajectory tokens, text, image entries, request tail). Raises _EpisodeEnded when
-    the episode ends here (done, max_turns, an env error).
-
-    For a sync env all of it runs in one trip to the env threads: every trip back to the event loop
-    queues behind the other episodes' work, and when a grading jam clears, dozens of episodes would
-    otherwise encode their observations in a single iteration of the loop. An ``async def`` step is
-    awaited on the loop, then the rest goes to the env threads."""
-    loop = asyncio.get_running_loop()
-    final = record.turn == ctx.config.max_turns
-    last_id = state.request_ids[-1] if state.request_ids else None
-    if inspect.iscoroutinefunction(env.step):
-        work = _EnvWork()
-        started = time.perf_counter()
-        try:
-            work.step = _step_result(await env.step(text))
-        except Exception as exc:
-            work.step_error, work.step_traceback = exc, traceback.format_exc(limit=5)
-        work.env_s = time.perf_counter() - started
-        if work.wants_observation(final):
-            await loop.run_in_executor(ctx.env_executor, _observe, ctx, env, last_id, loop, work)
-    else:
-        work = await loop.run_in_executor(ctx.env_executor, _step_and_observe, ctx, env, text, last_id, final, loop)
-    record.env_s = work.env_s
-    if work.step_error is not None:
-        record.error = f"{type(work.step_error).__name__}: {work.step_error}"
-        if isinstance(work.step_error, _BadStepResult):
-            raise _EpisodeEnded("FAILED", f"env.step at turn {record.turn} {work.step_error}")
-        raise _EpisodeEnded("FAILED", f"env.step raised at turn {record.turn}: {work.step_traceback}")
-    _observation, done, info = work.step
+    the next turn (in an env thread: tokenizer and image work stay off the event loop): (trajectory
+    tokens, text, image entries, request tail). Raises _EpisodeEnded when the episode ends here
+    (done, max_turns, an env error)."""
+    started = time.perf_counter()
+    try:
+        observation, done, info = _step_result(await _call_env(ctx, env.step, text))
+    except _BadStepResult as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+        raise _EpisodeEnded("FAILED", f"env.step at turn {record.turn} {exc}") from None
+    except Exception as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+        raise _EpisodeEnded("FAILED", f"env.step raised at turn {record.turn}: {traceback.format_exc(limit=5)}") from None
+    finally:
+        record.env_s = time.perf_counter() - started
     _record_step_info(record, info, done)
     if done:
         raise _EpisodeEnded("COMPLETED", "env done")
-    if final:
+    if record.turn == ctx.config.max_turns:
         raise _EpisodeEnded("COMPLETED", "max_turns reached")
-    if work.observation_error is not None:
-        exc = work.observation_error
+    started = time.perf_counter()
+    last_id = state.request_ids[-1] if state.request_ids else None
+    try:
+        message = await _call_env(ctx, env.format_observation, observation)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(ctx.env_executor, _encode_and_insert, ctx, message, last_id)
+    except Exception as exc:
         record.error = f"{type(exc).__name__}: {exc}"
-        raise _EpisodeEnded("FAILED", f"observation at turn {record.turn} could not be encoded: {exc}")
-    return work.inserted
+        raise _EpisodeEnded("FAILED", f"observation at turn {record.turn} could not be encoded: {exc}") from None
+    finally:
+        record.env_s += time.perf_counter() - started
 
 
-def _step_and_observe(ctx, env, text: str, last_id: int | None, final: bool, loop) -> _EnvWork:
-    """In an env thread: the step, then (unless the episode ends here) :func:`_observe`."""
-    work = _EnvWork()
-    started = time.perf_counter()
-    try:
-        work.step = _step_result(_resolved(env.step(text), loop))
-    except Exception as exc:
-        work.step_error, work.step_traceback = exc, traceback.format_exc(limit=5)
-    work.env_s = time.perf_counter() - started
-    if work.wants_observation(final):
-        _observe(ctx, env, last_id, loop, work)
-    return work
-
-
-def _observe(ctx, env, last_id: int | None, loop, work: _EnvWork) -> None:
-    """In an env thread: the step's observation as a chat message, encoded and its images looked up."""
-    started = time.perf_counter()
-    try:
-        message = _resolved(env.format_observation(work.step[0]), loop)
-        work.inserted = _observation_insert(ctx, *_encode_observation(ctx, message, last_id))
-    except Exception as exc:
-        work.observation_error = exc
-    work.env_s += time.perf_counter() - started
+def _encode_and_insert(ctx: EpisodeContext, message: dict[str, Any], last_id: int | None):
+    return _observation_insert(ctx, *_encode_observation(ctx, message, last_id))
 
 
 class _BadStepResult(TypeError):
@@ -354,39 +306,13 @@ def _short_repr(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _resolved(value: Any, loop: asyncio.AbstractEventLoop) -> Any:
-    """A sync env method may hand back an awaitable (e.g. a decorated async method): it runs on the
-    episode's loop, this thread waiting for it (but not for a loop that has stopped, which would
-    never run it and would leave this thread blocking the interpreter's exit)."""
-    if not inspect.isawaitable(value):
-        return value
-
-    async def wait() -> Any:
-        return await value
-
-    future = asyncio.run_coroutine_threadsafe(wait(), loop)
-    while True:
-        try:
-            return future.result(timeout=_LOOP_CHECK_S)
-        except concurrent.futures.TimeoutError:
-            if loop.is_closed() or not loop.is_running():
-                future.cancel()
-                raise RuntimeError("the event loop stopped while an env method ran on it") from None
-
-
-#: How often an env thread waiting for the event loop checks that the loop still runs.
-_LOOP_CHECK_S = 1.0
-
-
 async def _model_turn(ctx: EpisodeContext, state: _State, record: TurnRecord, params: dict[str, Any], left: int | None) -> str:
     """One generation: the engine's tokens go onto the trajectory and the next request; returns the
-    text for the env. Raises _EpisodeEnded on an engine error, an abort or a cut generation. The
-    engine's result is dropped on return, so its lists are not held while the env works (see
-    rollout.trajectory for why held ids are arrays)."""
+    text for the env. Raises _EpisodeEnded on an engine error, an abort or a cut generation."""
     processing = ctx.processing
     started = time.perf_counter()
     try:
-        result = await ctx.engine.generate(state.request_ids.tolist(), state.payloads, params)
+        result = await ctx.engine.generate(list(state.request_ids), state.payloads, params)
     except EngineError as exc:
         record.error = str(exc)
         raise _EpisodeEnded("FAILED", f"engine: {exc}") from None

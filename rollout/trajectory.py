@@ -6,39 +6,23 @@ through slime's ``Sample.append_response_tokens`` when the Sample has it (which 
 non-trainable tokens, so none are passed) or by hand with the same invariants:
 ``len(loss_mask) == response_length == len(rollout_log_probs)`` and the response is the last
 ``response_length`` entries of ``tokens``.
-
-Token ids and log-probs held while an episode runs are ``array.array``s, not lists. The cyclic
-garbage collector walks every element of every list it tracks, in each collection the list sits
-through; with hundreds of episodes in flight, their lists of hundreds of ids made most of a
-young-generation collection's pause, and every thread waits out that pause. Arrays are not
-tracked at all. The Sample gets plain lists, built once at the end.
 """
 
 from __future__ import annotations
 
-from array import array
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 
-def token_array(ids: Iterable[int] = ()) -> array:
-    return array("q", ids)
-
-
 @dataclass
 class Segment:
-    tokens: array  # token_array; a list or any iterable of ints is converted
+    tokens: list[int]
     trainable: bool
     text: str
-    log_probs: array | None = None  # array("d"), one per token of a trainable segment
+    log_probs: list[float] | None = None  # one per token of a trainable segment
     meta_info: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tokens, array):
-            self.tokens = token_array(self.tokens)
-        if self.log_probs is not None and not isinstance(self.log_probs, array):
-            self.log_probs = array("d", self.log_probs)
         if self.trainable and (self.log_probs is None or len(self.log_probs) != len(self.tokens)):
             raise ValueError("model tokens need exactly one log-prob each")
         if not self.trainable and self.log_probs is not None:
@@ -47,7 +31,7 @@ class Segment:
 
 @dataclass
 class Trajectory:
-    prompt_ids: array = field(default_factory=token_array)
+    prompt_ids: list[int] = field(default_factory=list)
     segments: list[Segment] = field(default_factory=list)
     response_length: int = 0
 
@@ -61,7 +45,7 @@ class Trajectory:
         return len(self.prompt_ids) + self.response_length
 
     def write_to(self, sample: Any, args: Any) -> None:
-        sample.tokens = self.prompt_ids.tolist()
+        sample.tokens = list(self.prompt_ids)
         sample.response = ""
         sample.response_length = 0
         sample.loss_mask = None
@@ -71,8 +55,8 @@ class Trajectory:
             for segment in self.segments:
                 append(
                     args,
-                    tokens=segment.tokens.tolist(),
-                    log_probs=segment.log_probs.tolist() if segment.trainable else None,
+                    tokens=list(segment.tokens),
+                    log_probs=list(segment.log_probs) if segment.trainable else None,
                     trainable=segment.trainable,
                     meta_info=segment.meta_info,
                     text=segment.text,

@@ -522,59 +522,6 @@ def test_workers_and_spares_run_at_the_lower_priority() -> None:
         assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in grader.worker_pids()] == [base]
 
 
-ALLOWED_CPUS = frozenset(os.sched_getaffinity(0))
-
-
-def _worker_cpus_of(grader: Grader) -> list[frozenset[int]]:
-    grader.wait_ready(HANG_GUARD_S)
-    return [frozenset(os.sched_getaffinity(pid)) for pid in grader.worker_pids() + grader.spare_pids()]
-
-
-def test_workers_leave_the_lowest_cpu_to_the_caller_by_default() -> None:
-    expected = ALLOWED_CPUS - {min(ALLOWED_CPUS)} if len(ALLOWED_CPUS) > 1 else ALLOWED_CPUS
-    with _pool(workers=1, spare_workers=1) as grader:
-        assert _worker_cpus_of(grader) == [expected, expected]
-        assert grader.grade("\\boxed{4}", "4").status is GradeStatus.CORRECT
-    # The caller's own mask is untouched.
-    assert frozenset(os.sched_getaffinity(0)) == ALLOWED_CPUS
-
-
-def test_workers_run_on_the_cpus_they_are_given() -> None:
-    lowest = min(ALLOWED_CPUS)
-    with _pool(workers=1, spare_workers=0, cpus=[lowest]) as grader:
-        assert _worker_cpus_of(grader) == [frozenset({lowest})]
-        assert grader.grade("7/2", "\\frac{7}{2}").status is GradeStatus.CORRECT
-    with _pool(workers=1, spare_workers=0, cpus=ALLOWED_CPUS) as grader:
-        assert grader.cpus is None  # every CPU: nothing to narrow
-        assert _worker_cpus_of(grader) == [ALLOWED_CPUS]
-
-
-@pytest.mark.parametrize(
-    ("cpus", "message"),
-    [
-        ([], "Grader cpus must be a non-empty collection of CPU numbers (int >= 0), got []"),
-        ([-1], "Grader cpus must be a non-empty collection of CPU numbers (int >= 0), got [-1]"),
-        ([True], "Grader cpus must be a non-empty collection of CPU numbers (int >= 0), got [True]"),
-        ("0,1", "Grader cpus must be a collection of CPU numbers, got '0,1'"),
-        (3, "Grader cpus must be a collection of CPU numbers, got 3"),
-    ],
-)
-def test_invalid_grader_cpus(cpus: object, message: str) -> None:
-    with pytest.raises(ValueError) as info:
-        Grader(cpus=cpus)  # type: ignore[arg-type]
-    assert str(info.value) == message
-
-
-def test_grader_cpus_outside_the_process_mask_are_refused() -> None:
-    missing = max(ALLOWED_CPUS) + 1
-    with pytest.raises(ValueError) as info:
-        Grader(cpus=[min(ALLOWED_CPUS), missing])
-    assert str(info.value) == (
-        f"Grader cpus {sorted({min(ALLOWED_CPUS), missing})} include CPUs this process may not use "
-        f"([{missing}]); it may use {sorted(ALLOWED_CPUS)}"
-    )
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 import torch
@@ -512,37 +511,3 @@ def test_prompt_token_ids_are_remembered_and_never_shared(qwen25_processing):
     first.append(-1)  # a caller's list is its own
     second = qwen25_processing.encode_prompt(text)
     assert second == qwen25_processing.encode_trusted(text) and second is not first
-
-
-def test_an_env_thread_waiting_for_a_stopped_loop_gives_up(monkeypatch):
-    """A sync env method that hands back a coroutine runs it on the episode's loop; if that loop
-    stops meanwhile, the env thread raises instead of blocking the interpreter's exit."""
-    import threading
-
-    import rollout.episode as episode
-
-    monkeypatch.setattr(episode, "_LOOP_CHECK_S", 0.05)
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever)
-    runner.start()
-    errors = []
-
-    def env_thread():
-        try:
-            episode._resolved(asyncio.sleep(100), loop)
-        except RuntimeError as exc:
-            errors.append(str(exc))
-
-    waiting = threading.Thread(target=env_thread)
-    waiting.start()
-    time.sleep(0.1)
-    loop.call_soon_threadsafe(loop.stop)
-    runner.join(5)
-    waiting.join(5)
-    assert not waiting.is_alive()
-    assert errors == ["the event loop stopped while an env method ran on it"]
-    pending = asyncio.all_tasks(loop)
-    for task in pending:
-        task.cancel()
-    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-    loop.close()
