@@ -279,6 +279,7 @@ class Row:
     # transformers' own `model.generate` on the same batch, for reference (``--baseline-generate``).
     generate_tokens_per_s: float | None = None
     seconds_per_run: list[float] | None = None
+    generate_seconds_per_run: list[float] | None = None
 
 
 def plain_generate_seconds(
@@ -342,7 +343,7 @@ async def run_benchmark(
         results = runs[0][0]
         generated = sum(len(r.token_ids) for r in results)
         seconds = statistics.median(seconds_per_run)
-        generate_tokens_per_s = None
+        generate_tokens_per_s = generate_seconds_per_run = None
         if baseline:
             plain_generate_seconds(policy, text, [diagram(20_000)], 2)  # warm-up
             plain = [
@@ -352,6 +353,7 @@ async def run_benchmark(
                 for repeat in range(repeats)
             ]
             generate_tokens_per_s = round(plain[0][0] / statistics.median(s for _, s in plain), 1)
+            generate_seconds_per_run = [round(s, 3) for _, s in plain]
         rows.append(
             Row(
                 batch_size=batch,
@@ -362,6 +364,7 @@ async def run_benchmark(
                 tokens_per_s=round(generated / seconds, 1),
                 generate_tokens_per_s=generate_tokens_per_s,
                 seconds_per_run=[round(x, 3) for x in seconds_per_run],
+                generate_seconds_per_run=generate_seconds_per_run,
             )
         )
         print(
