@@ -5,7 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU_VERSION ?= 2.13.0
+SGLANG_VERSION ?= 0.5.23
 STAMP := $(VENV)/.installed
+SGLANG_STAMP := $(VENV)/.installed-sglang
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
@@ -26,9 +28,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[local,test]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# SGLang's own request and processor code, for tests/sglang_contract (the tests only, not the demo):
+# its requirements name CUDA builds (torch, flashinfer), so it goes in alone, and the sglang-check
+# extra holds what it imports.
+$(SGLANG_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[local,test,sglang-check]'
+	$(BIN)/python -m pip install --quiet --no-deps sglang==$(SGLANG_VERSION)
+	touch $(SGLANG_STAMP)
+
+# Everything CI runs: lint, the suite (SGLang's contract tests must run, not skip), then the plugin
+# installed into slime's pinned environment.
+test: $(SGLANG_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -ra
+	VLM_MULTITURN_REQUIRE_SGLANG=1 $(BIN)/python -m pytest -q -ra
+	$(MAKE) test-slime-env
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
