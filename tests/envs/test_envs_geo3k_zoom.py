@@ -14,6 +14,7 @@ from envs.base import EnvConfigError
 from envs.check import check_env_module
 from envs.geo3k_zoom import Geo3kZoomEnv, build_env
 from envs.grading import Grader
+from envs.images import load_image
 from envs.tool_calls import call_form_for, format_call
 from rollout.sample import Sample
 from tests.rollout.conftest import ScriptedEngine, make_args, make_sample
@@ -139,3 +140,57 @@ async def test_the_crop_reaches_the_engine_and_the_training_tensors(request, che
     start = len(out.tokens) - out.response_length
     crop_at = out.tokens.index(processing.image_pad_id, start)
     assert out.loss_mask[crop_at - start] == 0
+
+
+class _ServedScript(ScriptedEngine):
+    """A scripted engine behind the real SGLang-compatible HTTP server: what the server decodes
+    from each request is what an SGLang engine would get."""
+
+    weight_version = 0
+    max_batch_size = 1
+    max_context = 32768
+
+    def __init__(self, tokenizer, replies, path):
+        super().__init__(tokenizer, replies)
+        self.vocab_size = len(tokenizer)
+        self.policy = argparse.Namespace(path=path)
+
+    async def generate(self, input_ids, images, sampling_params, rid=None):
+        return await super().generate(input_ids, images, sampling_params)
+
+    def abort(self, rid):
+        return 0
+
+    async def aclose(self):
+        pass
+
+
+async def test_the_crop_reaches_an_sglang_server_over_http(qwen25_processing) -> None:
+    from models import resolve_checkpoint
+    from rollout.server import start_server
+
+    tok = qwen25_processing.tokenizer
+    path = str(resolve_checkpoint("tiny-qwen2.5-vl"))
+    engine = _ServedScript(tok, [format_call("zoom", BOX), format_call("calc_score", {"answer": "5"})], path)
+    sample = make_sample(tok, images=1, label="5", size=112)
+    async with await start_server(engine) as server:
+        args = argparse.Namespace(
+            hf_checkpoint=path,
+            sglang_router_ip=server.host,
+            sglang_router_port=server.port,
+            rollout_max_context_len=None,
+            rollout_max_response_len=4096,
+            max_turns=3,
+            rollout_interaction_env_path="envs.geo3k_zoom",
+            env_kwargs={},
+        )
+        out = await rollout.generate(args, sample, {"max_new_tokens": 4096})
+    assert out.status == Sample.Status.COMPLETED, out.metadata["status_reason"]
+    assert await rollout.reward(args, out) == 1.0
+    sent = engine.requests[1]["images"]
+    assert len(sent) == 2 and all(ref.startswith("data:image/") for ref in sent)
+    crop = load_image(sent[1])
+    expected = out.multimodal_inputs["images"][0].crop((28, 28, 84, 84)).resize((224, 224), Image.Resampling.BICUBIC)
+    # Sent as a PNG data URI: the server decodes exactly the crop's pixels.
+    assert crop.size == (224, 224) and crop.tobytes() == expected.convert("RGB").tobytes()
+    assert len(engine.requests[0]["images"]) == 1
