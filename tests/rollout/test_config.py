@@ -98,6 +98,14 @@ def test_the_removed_image_token_mode_is_rejected_with_the_reason(tmp_path, mode
         RolloutConfig.from_args(argparse.Namespace(max_turns=2, image_token_mode=mode))
 
 
+def test_the_removed_gc_pacing_is_rejected_with_the_reason(tmp_path):
+    path = tmp_path / "plugin.yaml"
+    path.write_text("max_turns: 2\ngc_pacing: true\n")
+    with pytest.raises(ConfigError) as info:
+        RolloutConfig.from_yaml(path)
+    assert "'gc_pacing' was removed" in str(info.value) and "wall time" in str(info.value)
+
+
 def test_yaml_is_reparsed_when_the_file_changes(tmp_path):
     import os
 
