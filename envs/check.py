@@ -57,6 +57,7 @@ from envs.tool_calls import format_call as _format_call
 from envs.tool_env import example_arguments
 
 __all__ = [
+    "AuthorCase",
     "CheckReport",
     "FakeSample",
     "ImageRecord",
@@ -474,6 +475,7 @@ class _Run:
     slow_s: float
     processing: Any = None
     encoder: Any = None
+    response_budget: int | None = None
 
 
 def check_env_module(
@@ -488,6 +490,7 @@ def check_env_module(
     processing: Any = None,
     author_cases: Sequence[AuthorCase] = (),
     call_form: str | None = None,
+    response_budget: int | None = None,
 ) -> CheckReport:
     """Check an env module against the contract (see the module docstring); never raises.
 
@@ -496,7 +499,9 @@ def check_env_module(
     (and skips the schema-generated ones); ``processing`` (a ``rollout.processing.Processing``) runs
     image observations through the real processor and chat template; ``author_cases`` come from
     :func:`load_cases`; ``call_form`` is the tool-call form to write (default: the env's
-    ``call_form``, else the form ``args.hf_checkpoint``'s template teaches, else JSON).
+    ``call_form``, else the form ``args.hf_checkpoint``'s template teaches, else JSON);
+    ``response_budget`` (tokens, with a processor): an image observation costing at least half of
+    it is a warning, one costing all of it an error.
     """
     target = module_or_path if isinstance(module_or_path, str) else module_or_path.__name__
     report = CheckReport(target)
@@ -508,7 +513,7 @@ def check_env_module(
     sample = sample if sample is not None else FakeSample(multimodal_inputs={"images": [_tiny_image()]})
     args = args if args is not None else argparse.Namespace(max_turns=3)
     kwargs = dict(env_kwargs or {})
-    run = _Run(report, step_timeout_s, slow_step_s, processing)
+    run = _Run(report, step_timeout_s, slow_step_s, processing, response_budget=response_budget)
     if processing is not None:
         from rollout.observation import ObservationEncoder
 
@@ -841,6 +846,15 @@ def _check_images(obs: dict[str, Any], message: dict[str, Any], case: str, run: 
                     case,
                 )
         report.images.append(ImageRecord(case, image.size, pads))
+        budget = run.response_budget
+        if pads is not None and budget is not None and pads >= budget // 2:
+            problem = (
+                f"a {image.width}x{image.height} image observation is {pads} image tokens, "
+                f"{'all of' if pads >= budget else 'half or more of'} the {budget}-token response budget "
+                "(model and env tokens together); an observation that does not fit ends the episode TRUNCATED. "
+                "Return smaller images or raise the budget"
+            )
+            (report.error if pads >= budget else report.warn)("budget", problem, case)
 
 
 def _close(env: Any, case: str | None, report: CheckReport, limit_s: float) -> None:
@@ -894,6 +908,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--cases", help="a JSONL file of your own model outputs to step through (see the module docstring)"
     )
     parser.add_argument(
+        "--response-budget",
+        type=int,
+        default=None,
+        help="the episode's response budget in tokens (max_new_tokens): with --family/--model, image "
+        "observations that take half of it warn, ones that take all of it fail",
+    )
+    parser.add_argument(
         "--call-form", choices=CALL_FORMS, help="tool-call form to write (default: what the env reads)"
     )
     parser.add_argument("--step-timeout", type=float, default=60.0, help="hard limit per call, seconds")
@@ -928,6 +949,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         processing=processing,
         author_cases=author_cases,
         call_form=options.call_form,
+        response_budget=options.response_budget,
     )
     print(report.render())
     close_default_grader()

@@ -391,3 +391,34 @@ def test_generated_tool_inputs() -> None:
     assert cases["calc_score: valid"] == (format_call("calc_score", {"answer": "7"}, "xml"), True)
     assert cases["zoom: no left"][1] is False and "<parameter=left>" not in cases["zoom: no left"][0]
     assert list(cases)[-1] == "unknown tool"
+
+
+def test_image_observations_against_the_response_budget(grader: Grader, qwen25_processing) -> None:
+    from envs.check import AuthorCase
+
+    zoom = AuthorCase("zoom", [format_call("zoom", {"left": 0.25, "top": 0.25, "right": 0.75, "bottom": 0.75})])
+
+    def check(budget: int):
+        return check_env_module(
+            "envs.geo3k_zoom",
+            env_kwargs={"grader": grader, "grading_timeout_s": GEO3K_GRADING_TIMEOUT_S},
+            processing=qwen25_processing,
+            response_budget=budget,
+            cases=["empty"],
+            author_cases=[zoom],
+        )
+
+    # zoom's 224 px crop is 64 image tokens: all of a 64-token budget, half of 128, little of 4096.
+    counts = {}
+    for budget in (64, 128, 4096):
+        report = check(budget)
+        counts[budget] = (
+            sum(e.where == "budget" for e in report.errors),
+            sum(w.where == "budget" for w in report.warnings),
+        )
+    assert counts == {64: (1, 0), 128: (0, 1), 4096: (0, 0)}
+    assert [str(e) for e in check(64).errors] == [
+        "budget: a 224x224 image observation is 64 image tokens, all of the 64-token response budget (model "
+        "and env tokens together); an observation that does not fit ends the episode TRUNCATED. Return smaller "
+        "images or raise the budget [in: zoom]"
+    ]
