@@ -143,14 +143,8 @@ async def run_episode(ctx: EpisodeContext, args: Any, sample: Any, sampling_para
 
 
 async def _tensors_ready(entries: list[ProcessedImage]) -> None:
-    """Wait for the images' background processing; raises its error, if any. Tensors that are
-    already there (the usual case) are not waited for: wrapping a finished future still costs a
-    wake-up through the event loop's self-pipe, hundreds of times when a batch finishes."""
-    pending = [asyncio.wrap_future(entry.tensors) for entry in entries if not entry.tensors.done()]
-    if pending:
-        await asyncio.gather(*pending)
-    for entry in entries:
-        entry.tensors.result()
+    """Wait for the images' background processing; raises its error, if any."""
+    await asyncio.gather(*(asyncio.wrap_future(entry.tensors) for entry in entries))
 
 
 def _encode_prompt(ctx: EpisodeContext, sample: Any, args: Any = None) -> _State:
