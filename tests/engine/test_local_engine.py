@@ -366,10 +366,19 @@ async def test_abort_and_cancel_stop_a_running_request(qwen25_small_policy):
     ids = single_pad_ids(policy, chat_text(policy, "Write a long story.", images=0))
     long = {"max_new_tokens": 20_000, "ignore_eos": True}
     async with LocalEngine(policy, max_batch_size=1, batch_wait_ms=0) as engine:
+        # Abort once a token has been sampled (observed, not waited for), so the result has some.
+        real_sample, sampled = engine._sample, []
+
+        def counting_sample(*args):
+            sampled.append(1)
+            return real_sample(*args)
+
+        engine._sample = counting_sample
         task = asyncio.create_task(engine.generate(ids, [], long, rid="story"))
-        while engine.stats["batches"] == 0:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        while len(sampled) < 2 and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)
         assert engine.abort("story") == 1
         aborted = await task
         assert aborted.finish_reason == "abort"
