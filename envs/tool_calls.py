@@ -43,6 +43,7 @@ stands.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -521,6 +522,36 @@ def _decode_xml(
                 f"{_PARAMETER_OPEN}KEY>...{_PARAMETER_CLOSE} elements may stand there",
                 span, body_start, at,
             )  # fmt: skip
+
+
+_JSON_EXAMPLE = re.compile(r"<tool_call>\s*\{")
+
+
+def call_form_taught(prompt: Any) -> str | None:
+    """The tool-call form a prompt shows by example, or None when it shows neither form or both.
+
+    A dataset's instruction text can teach a form the chat template does not: the Geometry3K
+    problems spell out ``<tool_call>{"name": ...}</tool_call>`` whatever the model. ``prompt`` is
+    the rendered text or a list of chat messages (content as text or as typed parts)."""
+    text = _prompt_text(prompt)
+    shows_json = _JSON_EXAMPLE.search(text) is not None
+    shows_xml = _FUNCTION_OPEN in text
+    if shows_json == shows_xml:
+        return None
+    return "json" if shows_json else "xml"
+
+
+def _prompt_text(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    parts: list[str] = []
+    for message in prompt if isinstance(prompt, list) else ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            parts.append(content)
+        elif isinstance(content, list):
+            parts.extend(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return "\n".join(parts)
 
 
 @lru_cache(maxsize=64)

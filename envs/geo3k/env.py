@@ -27,7 +27,7 @@ from typing import Any
 
 from envs.base import EnvConfigError, did_you_mean
 from envs.grading import Grader, GradeResult, GradeStatus, extract_boxed, get_default_grader
-from envs.tool_calls import CALL_FORMS, call_form_for
+from envs.tool_calls import CALL_FORMS, call_form_for, call_form_taught
 from envs.tool_env import ToolEnv, ToolOutcome, ToolResult
 
 __all__ = [
@@ -124,9 +124,11 @@ class Geo3kSettings:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_args(cls, args: Any = None, **overrides: Any) -> Geo3kSettings:
+    def from_args(cls, args: Any = None, prompt: Any = None, **overrides: Any) -> Geo3kSettings:
         """Defaults, then ``args.max_turns`` (slime's config, when set), then ``overrides``; a
-        ``tool_call_format`` of "auto" becomes the form ``args.hf_checkpoint``'s template teaches."""
+        ``tool_call_format`` of "auto" becomes the form the episode's ``prompt`` shows by example
+        (the Geometry3K instructions spell out the JSON form), else the form ``args.hf_checkpoint``'s
+        chat template teaches (Qwen3.5: XML), else JSON."""
         values: dict[str, Any] = {}
         max_turns = getattr(args, "max_turns", None) if args is not None else None
         if max_turns is not None:
@@ -134,9 +136,12 @@ class Geo3kSettings:
         values.update(overrides)
         _reject_unknown(values, cls.names())
         settings = cls(**values)
-        checkpoint = getattr(args, "hf_checkpoint", None) if args is not None else None
-        if settings.tool_call_format == "auto" and checkpoint:
-            settings = replace(settings, tool_call_format=call_form_for(str(checkpoint)))
+        if settings.tool_call_format == "auto":
+            checkpoint = getattr(args, "hf_checkpoint", None) if args is not None else None
+            taught = call_form_taught(prompt) if prompt is not None else None
+            form = taught or (call_form_for(str(checkpoint)) if checkpoint else None)
+            if form is not None:
+                settings = replace(settings, tool_call_format=form)
         return settings
 
 
@@ -282,5 +287,5 @@ def build_env(sample: Any = None, args: Any = None, **kwargs: Any) -> Geo3kEnv:
     grader = kwargs.pop("grader", None)
     valid = [*Geo3kSettings.names(), "grader"]
     _reject_unknown(kwargs, valid)
-    settings = Geo3kSettings.from_args(args, **kwargs)
+    settings = Geo3kSettings.from_args(args, getattr(sample, "prompt", None), **kwargs)
     return Geo3kEnv(_label_of(sample), settings, grader=grader)

@@ -610,3 +610,43 @@ def test_tool_call_format_setting(grader: Grader, checkpoint, setting: str, form
 def test_bad_tool_call_format_names_the_choices(grader: Grader) -> None:
     with pytest.raises(EnvConfigError, match="'tool_call_format' must be one of auto, json, xml, got 'yaml'"):
         build_env(FakeSample(), argparse.Namespace(max_turns=3), grader=grader, tool_call_format="yaml")
+
+
+def test_auto_follows_the_form_the_prompt_teaches(grader: Grader) -> None:
+    """The Geometry3K instructions spell out the JSON call: a Qwen3.5 policy that follows its prompt
+    must not have its calls refused for using the form the prompt showed it."""
+    from envs.geo3k.sample_data import INSTRUCTION_BLOCK
+
+    args = argparse.Namespace(max_turns=3, hf_checkpoint="tiny-qwen3.5")
+    taught_json = FakeSample(prompt=f"<|im_start|>user\n{INSTRUCTION_BLOCK}\n\n<image>Find x.<|im_end|>\n")
+    env = build_env(taught_json, args, grader=grader)
+    assert env.call_form == "json"
+    env.reset()
+    _, done, info = env.step(call("3"))
+    assert info["tool_executed"] and info["grade_status"] == "incorrect" and not done
+    # Messages (slime without --apply-chat-template) teach the same way.
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": INSTRUCTION_BLOCK}]}]
+    assert build_env(FakeSample(prompt=messages), args, grader=grader).call_form == "json"
+    # A prompt that shows no call, or both forms, leaves the choice to the chat template.
+    assert build_env(FakeSample(prompt="Find x."), args, grader=grader).call_form == "xml"
+    both = INSTRUCTION_BLOCK + format_call("calc_score", {"answer": "1"}, "xml")
+    assert build_env(FakeSample(prompt=both), args, grader=grader).call_form == "xml"
+    # An explicit setting wins over the prompt.
+    assert build_env(taught_json, args, grader=grader, tool_call_format="xml").call_form == "xml"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "form"),
+    [
+        ('<tool_call>{"name": "f", "arguments": {}}</tool_call>', "json"),
+        ('<tool_call>\n  {"name": "f"}', "json"),
+        ("<tool_call>\n<function=f>\n</function>\n</tool_call>", "xml"),
+        ("no example here", None),
+        ([{"role": "user", "content": "<tool_call>\n<function=f>"}], "xml"),
+        ([{"role": "user", "content": [{"type": "image"}]}], None),
+    ],
+)
+def test_call_form_taught(prompt, form) -> None:
+    from envs.tool_calls import call_form_taught
+
+    assert call_form_taught(prompt) == form
