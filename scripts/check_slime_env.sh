@@ -7,8 +7,9 @@
 #      that this machine offers, TORCH_VERSION below),
 #   2. runs `pip install -e .` (the plugin alone, no extras) and fails if any version installed
 #      in step 1 changed or `pip check` complains,
-#   3. adds the test tools (and a pyarrow that imports with numpy 1.26, as slime's `datasets`
-#      needs one) and runs the plugin's tests: models, rollout, integration, envs.
+#   3. adds the test tools (and, for the local backend's tests, matplotlib and a pyarrow that
+#      imports with numpy 1.26, as slime's `datasets` needs one), keeping the pins, and runs the
+#      plugin's tests: models, rollout, integration, envs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,8 +50,10 @@ echo "unchanged: $(wc -l < "$VENV/before.txt") packages, among them:"
 grep -iE '^(torch|transformers|numpy|scipy)==' "$VENV/after.txt" | sed 's/^/  /'
 "${PIP[@]}" check
 
-step "test tools, and $PYARROW_FOR_NUMPY1 for the parquet tests"
-"${PIP[@]}" install --quiet "$PYARROW_FOR_NUMPY1" pytest pytest-asyncio pytest-timeout hypothesis
+step "test tools, $PYARROW_FOR_NUMPY1 and matplotlib for the local backend's tests, slime's pins kept"
+printf '%s\n' "${SLIME_PINS[@]}" "torch==$TORCH_VERSION" > "$VENV/pins.txt"
+"${PIP[@]}" install --quiet -c "$VENV/pins.txt" "$PYARROW_FOR_NUMPY1" matplotlib \
+    pytest pytest-asyncio pytest-timeout hypothesis
 "${PIP[@]}" freeze --exclude-editable | grep -iE '^(torch|transformers|numpy|scipy|pyarrow)==' | sed 's/^/  /'
 "$VENV/bin/python" -c "import numpy, pyarrow; print(f'  numpy {numpy.__version__} with pyarrow {pyarrow.__version__} imports')"
 

@@ -1,4 +1,5 @@
 import pytest
+import tokenizers
 from transformers import Qwen2Tokenizer
 
 from models.chat_templates import TEMPLATE_NAMES, chat_template
@@ -167,6 +168,11 @@ def qwen35_tokenizer(qwen35_policy):
     return qwen35_policy.tokenizer
 
 
+@pytest.mark.skipif(
+    tuple(int(x) for x in tokenizers.__version__.split(".")[:2]) < (0, 23),
+    reason="tokenizers < 0.23 (slime's image has 0.22) splits combining marks out of words in Qwen3.5's "
+    "pre-tokenizer regex, so no build of this vocabulary, the released one included, gives these ids there",
+)
 def test_qwen35_vocabulary_matches_the_released_tokenizer(qwen35_tokenizer):
     tok = qwen35_tokenizer
     assert len(tok) == 248077
