@@ -428,21 +428,8 @@ def _problem_text_problems(row: Geo3kRow) -> list[RowProblem]:
 
 
 def build_prompt_messages(problem_text: str, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
-    """One chat user message: the text split at each ``<image>``, with the images in their places.
+    """One chat user message: the text split at each ``<image>``, with the images in their places
+    (Geo3K lays its prompts out the generic way: :func:`rollout.prompts.default_prompt_messages`)."""
+    from rollout.prompts import default_prompt_messages
 
-    Content parts are ``{"type": "image", "image": PIL.Image}`` and ``{"type": "text", "text": str}``;
-    empty text between or around placeholders is left out.
-    """
-    pieces = problem_text.split(IMAGE_PLACEHOLDER)
-    if len(pieces) - 1 != len(images):
-        raise ValueError(
-            f"problem has {len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s) "
-            "were given; pass one image per placeholder, in order"
-        )
-    content: list[dict[str, Any]] = []
-    for k, piece in enumerate(pieces):
-        if k > 0:
-            content.append({"type": "image", "image": images[k - 1]})
-        if piece:
-            content.append({"type": "text", "text": piece})
-    return [{"role": "user", "content": content}]
+    return default_prompt_messages(problem_text, images)
