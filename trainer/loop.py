@@ -153,7 +153,7 @@ def train(
         # weights), and comes before GRPO's optimizer copies the weights into its master copies.
         from trainer.sft import run_sft
 
-        run_sft(policy, cfg, run_dir, write=log)
+        run_sft(policy, cfg, run_dir, prompts=prompts, write=log)
     optimizer = MasterWeightAdamW(policy.model, cfg)
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)

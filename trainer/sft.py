@@ -251,12 +251,47 @@ def sft_data_rows(cfg: TrainConfig) -> list[Any]:
     return PromptSource(path, seed=cfg.seed, shuffle=False, drop_bad_rows=cfg.drop_bad_rows).rows
 
 
-def run_sft(policy: Any, cfg: TrainConfig, run_dir: Path, *, write=print) -> list[dict[str, float]]:
+def rollout_before_sft(policy: Any, cfg: TrainConfig, prompts: Any) -> dict[str, float]:
+    """The rollout metrics of GRPO's first batch under the policy as it was before the warm-start
+    (no update): the baseline that the run's later rewards are compared with."""
+    from rollout.engines.local import LocalEngine
+    from rollout.runtime import RolloutRuntime
+    from trainer.metrics import rollout_metrics
+    from trainer.rollouts import TurnSeededEngine, build_group_samples, rollout_args, run_rollout
+
+    engine = LocalEngine(
+        policy, max_batch_size=cfg.engine_max_batch_size, batch_wait_ms=cfg.engine_batch_wait_ms, seed=cfg.seed
+    )
+    args = rollout_args(cfg, TurnSeededEngine(engine), str(policy.path))
+    samples = build_group_samples(prompts.batch(0, cfg.rollout_batch_size), cfg, policy.tokenizer, 0)
+    runtime = RolloutRuntime()
+    try:
+        asyncio.run(run_rollout(args, samples, cfg, 0, runtime))
+    finally:
+        runtime.shutdown()
+    return rollout_metrics(samples)
+
+
+def run_sft(
+    policy: Any, cfg: TrainConfig, run_dir: Path, *, prompts: Any = None, write=print
+) -> list[dict[str, float]]:
     """``cfg.sft_steps`` supervised steps of ``cfg.sft_batch_size`` transcripts on ``policy`` (in
-    place), with an AdamW of its own at ``sft_lr`` (GRPO then starts with fresh moments)."""
+    place), with an AdamW of its own at ``sft_lr`` (GRPO then starts with fresh moments). With
+    ``prompts`` (the run's PromptSource), GRPO's first batch is rolled out once before the
+    warm-start and logged as step ``-sft_steps - 1`` (phase "before_sft")."""
     from envs.tool_calls import call_form_for
 
     started = time.perf_counter()
+    if prompts is not None:
+        baseline = rollout_before_sft(policy, cfg, prompts)
+        out = MetricsLogger(run_dir, total_steps=1, progress=False)
+        out.log(-cfg.sft_steps - 1, {"phase": "before_sft", **baseline})
+        out.close()
+        write(
+            f"before SFT: mean reward {baseline['rollout/reward_mean']:.3f}, "
+            f"{baseline['rollout/tool_calls_per_episode']:.2f} tool calls and "
+            f"{baseline['rollout/turns_mean']:.2f} turns per episode"
+        )
     max_turns = plugin_config(cfg).max_turns
     form = call_form_for(str(policy.path))
     rows = sft_data_rows(cfg)

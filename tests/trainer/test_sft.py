@@ -70,4 +70,8 @@ def test_sft_lowers_the_loss_and_logs_before_grpo(sample_parquet, tmp_path):
     assert [m["step"] for m in sft] == list(range(-6, 0))
     assert sft[-1]["sft/loss"] < sft[0]["sft/loss"] / 2, [m["sft/loss"] for m in sft]
     assert sft[-1]["sft/token_accuracy"] > sft[0]["sft/token_accuracy"]
-    assert [m["step"] for m in result.metrics if m.get("phase") != "sft"] == [0]
+    # The initial policy's rollout of GRPO's first batch comes first, as the run's baseline.
+    assert [(m["step"], m.get("phase")) for m in result.metrics if "rollout/reward_mean" in m] == [
+        (-7, "before_sft"),
+        (0, None),
+    ]
