@@ -28,8 +28,9 @@ env thread (chat template and tokenizer; the rest: image lookups and payloads),
 env-thread work, merged; prompt encoding and finishing excluded), from a separate pass, so the
 timings above carry no profiler overhead.
 
-The replies cycle through three fixed answers, so math-verify's own caches make grading cheaper
-than for fresh answers; the fresh-answer grading cost is measured and printed separately.
+Every geo3k reply calls the tool with an answer no earlier reply had (all wrong, so episodes take
+three turns), so math-verify's own caches never serve one; a fresh answer graded alone (no episode
+around it) is measured and printed separately.
 
     python bench/rollout_overhead.py [--episodes 200] [--profile] [--quick]
 
@@ -108,7 +109,11 @@ def call(answer):
     )
 
 
-REPLIES = {"geo3k text turn": [call("4"), call("6"), call("7")]}
+def replies(case: str, episodes: int) -> list[str]:
+    """The engine's replies, one per turn of every episode (warm-up and profile passes included)."""
+    if case == "geo3k text turn":
+        return [call(str(100 + k)) for k in range(3 * (2 * episodes + 3))]
+    return ["look again<|im_end|>"]
 
 
 def make_args(engine, checkpoint, env_path, env_kwargs):
@@ -299,7 +304,7 @@ async def measure(family, checkpoint, episodes, profile):
 
     profile_text = None
     for name, (env_path, env_kwargs) in CASES.items():
-        engine = ZeroLatencyEngine(tok, REPLIES.get(name, ["look again<|im_end|>"]))
+        engine = ZeroLatencyEngine(tok, replies(name, episodes))
         args = make_args(engine, checkpoint, env_path, env_kwargs)
         timers = Timers(profile=profile and name == "geo3k text turn")
         try:
