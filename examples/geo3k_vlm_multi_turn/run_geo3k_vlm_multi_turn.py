@@ -43,6 +43,7 @@ from envs.geo3k.dataset import DatasetError  # noqa: E402
 from envs.loader import EnvLoadError  # noqa: E402
 from trainer.config import CONFIG_ERRORS, ConfigError, TrainConfig, plugin_config  # noqa: E402
 from trainer.loop import RolloutFailedError  # noqa: E402
+from trainer.sft import TranscriptError  # noqa: E402
 from trainer.slime_launch import (  # noqa: E402
     DATASET_REPO,
     SLIME_RECIPE,
@@ -507,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except (DatasetError, RolloutFailedError) as error:
+    except (DatasetError, RolloutFailedError, TranscriptError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -165,6 +165,8 @@ def test_an_env_failing_every_episode_stops_the_launcher_with_its_cause(launcher
         "1",
         "--n-samples-per-prompt",
         "2",
+        "--sft-steps",
+        "0",  # GRPO's first step meets the env (the warm-start's own failure is tested in test_sft)
         "--set",
         "progress=false",
     ]

@@ -75,3 +75,57 @@ def test_sft_lowers_the_loss_and_logs_before_grpo(sample_parquet, tmp_path):
         (-7, "before_sft"),
         (0, None),
     ]
+
+
+def test_a_warm_start_whose_transcripts_all_fail_stops_the_launcher_with_the_cause(
+    sample_parquet, capsys, tmp_path
+):
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    launcher_path = (
+        Path(__file__).parents[2] / "examples" / "geo3k_vlm_multi_turn" / "run_geo3k_vlm_multi_turn.py"
+    )
+    spec = importlib.util.spec_from_file_location("run_geo3k_for_sft_test", launcher_path)
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    plugin = tmp_path / "plugin.yaml"
+    # An env that pays any first turn and ends: a wrong-first transcript's second call never comes.
+    learnable = Path(__file__).with_name("learnable_env.py")
+    plugin.write_text(
+        yaml.safe_dump({"max_turns": 2, "rollout_interaction_env_path": str(learnable), "env_kwargs": {}})
+    )
+    code = launcher.main(
+        [
+            "--backend",
+            "local",
+            "--model",
+            "tiny-qwen2.5-vl-small-vocab",
+            "--data-dir",
+            str(sample_parquet.parent),
+            "--output-dir",
+            str(tmp_path / "run"),
+            "--config",
+            str(plugin),
+            "--sft-steps",
+            "2",
+            "--num-rollout",
+            "1",
+            "--rollout-batch-size",
+            "1",
+            "--n-samples-per-prompt",
+            "2",
+            "--set",
+            "sft_wrong_first=1.0",
+            "--set",
+            "progress=false",
+            "--set",
+            "device=cpu",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: none of the 6 SFT transcripts played as scripted"), err
+    assert "solved at turn 1, not at turn 2" in err
