@@ -121,15 +121,17 @@ async def test_v1_loads_counts_requests_as_slime_reads_them(served, qwen25_small
     assert entry["dp_rank"] == 0 and entry["num_running_reqs"] + entry["num_waiting_reqs"] == 0
     assert _num_requests_as_slime_reads_them(idle) == 0
     # A request in flight is counted until it ends.
+    # Long enough that it is still running when aborted, however slow the machine (a 400-token
+    # request once finished first on a loaded machine).
     request = asyncio.ensure_future(
-        _post(session, {"input_ids": ids, "sampling_params": {"max_new_tokens": 400, "ignore_eos": True}})
+        _post(session, {"input_ids": ids, "sampling_params": {"max_new_tokens": 20_000, "ignore_eos": True}})
     )
-    busy = None
-    for _ in range(500):
-        busy = await load()
-        if _num_requests_as_slime_reads_them(busy) == 1:
-            break
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 120
+    busy = await load()
+    while _num_requests_as_slime_reads_them(busy) != 1 and loop.time() < deadline:
         await asyncio.sleep(0.01)
+        busy = await load()
     assert _num_requests_as_slime_reads_them(busy) == 1
     async with session.post("/abort_request", json={"abort_all": True}) as response:
         assert response.status == 200
