@@ -92,6 +92,10 @@ class TrainConfig:
     device: str | None = None  # None: cuda when available, else cpu
     engine_max_batch_size: int = 32
     engine_batch_wait_ms: float = 5.0
+    # Cap on this process's CUDA memory in GiB (torch.cuda.set_per_process_memory_fraction, set
+    # before the model loads): a run on a larger card then fails where a card of this size would.
+    # None: the whole card.
+    gpu_memory_limit_gib: float | None = None
     # --- bookkeeping ---
     seed: int = 1234
     save_interval: int | None = None  # checkpoint every N rollouts; the last rollout is always saved
@@ -191,6 +195,12 @@ class TrainConfig:
         if not (isinstance(self.save_optimizer, bool) or self.save_optimizer in ("auto", "latest")):
             raise ConfigError(
                 f'save_optimizer must be true, false, "latest" or "auto", got {self.save_optimizer!r}'
+            )
+        if self.gpu_memory_limit_gib is not None and not (
+            self.gpu_memory_limit_gib > 0 and math.isfinite(self.gpu_memory_limit_gib)
+        ):
+            raise ConfigError(
+                f"gpu_memory_limit_gib must be a positive number or null, got {self.gpu_memory_limit_gib}"
             )
         for name in ("max_turns", "max_tokens_per_turn"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

@@ -73,10 +73,18 @@ from trainer.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from trainer.config import TrainConfig, plugin_config
+from trainer.config import ConfigError, TrainConfig, plugin_config
 from trainer.data import PromptSource
 from trainer.grpo import group_advantages
-from trainer.metrics import MetricsLogger, failure_causes, format_failures, read_metrics, rollout_metrics
+from trainer.metrics import (
+    MetricsLogger,
+    failure_causes,
+    format_failures,
+    peak_memory_metrics,
+    read_metrics,
+    reset_peak_memory,
+    rollout_metrics,
+)
 from trainer.optim import MasterWeightAdamW
 from trainer.report import append_episodes, episode_record, write_report
 from trainer.rollouts import RolloutRuntime, TurnSeededEngine, build_group_samples, rollout_args, run_rollout
@@ -95,6 +103,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def limit_gpu_memory(limit_gib: float | None, device: str) -> str | None:
+    """Cap this process's CUDA memory at ``limit_gib`` (``gpu_memory_limit_gib``); a line for the log."""
+    if limit_gib is None:
+        return None
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        raise ConfigError(f"gpu_memory_limit_gib={limit_gib} caps CUDA memory, but the run is on {device}")
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    card = torch.cuda.get_device_properties(index)
+    if limit_gib * 2**30 > card.total_memory:
+        raise ConfigError(
+            f"gpu_memory_limit_gib={limit_gib} is more than the {card.total_memory / 2**30:.1f} GiB of "
+            f"{card.name}; lower it or unset it"
+        )
+    torch.cuda.set_per_process_memory_fraction(limit_gib * 2**30 / card.total_memory, index)
+    return f"CUDA memory capped at {limit_gib} GiB of the {card.total_memory / 2**30:.1f} GiB of {card.name}"
 
 
 def _advantages(rewards: list[float], cfg: TrainConfig) -> torch.Tensor:
@@ -135,6 +161,9 @@ def train(
     run_dir = cfg.resolved_output_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    capped = limit_gpu_memory(cfg.gpu_memory_limit_gib, device)  # before anything is allocated
+    if capped:
+        log(capped)
 
     # --- checks that need no model, so that a typo or a bad row fails in seconds, not after loading ---
     load_env_module(plugin_config(cfg).rollout_interaction_env_path)
@@ -212,10 +241,13 @@ def train(
     try:
         for step in range(start_step, cfg.num_rollout):
             started = time.perf_counter()
+            reset_peak_memory(device)
             batch = prompts.batch(step, cfg.rollout_batch_size)
             samples = build_group_samples(batch, cfg, policy.tokenizer, step)
             asyncio.run(run_rollout(args, samples, cfg, step, runtime))
             rollout_time = time.perf_counter() - started
+            memory = peak_memory_metrics(device, "rollout")
+            reset_peak_memory(device)
             _report_failures(samples, step, first=step == start_step, write=logger.write)
 
             rewards = [float(s.reward) for s in samples]
@@ -231,6 +263,7 @@ def train(
             )
             engine.weight_version = step + 1
             update_time = time.perf_counter() - update_started
+            memory.update(peak_memory_metrics(device, "update"))
 
             metrics = rollout_metrics(samples)
             metrics.update(
@@ -255,6 +288,7 @@ def train(
                     / max(rollout_time, 1e-9),
                 }
             )
+            metrics.update(memory)
             logger.log(step, metrics)
             _record_episodes(run_dir, samples, advantages, policy.tokenizer, step, cfg, image_pad_id)
 

@@ -4,7 +4,8 @@
 lengths, statuses) from the fields ``rollout.generate`` fills. :class:`MetricsLogger` appends one
 JSON object per step to ``metrics.jsonl`` (the record the plot and the report are drawn from),
 drives the tqdm progress bar, and forwards to TensorBoard or Weights & Biases when asked for and
-installed (both are optional and imported lazily).
+installed (both are optional and imported lazily). On CUDA, :func:`peak_memory_metrics` adds the
+peak GPU memory of a step's rollout and update.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 PASS_THRESHOLD = 1.0
@@ -65,6 +67,27 @@ def rollout_metrics(samples: list[Any]) -> dict[str, float]:
     for status in ("completed", "truncated", "aborted", "failed"):
         metrics[f"rollout/{status}_fraction"] = statuses.get(status, 0) / n if n else 0.0
     return metrics
+
+
+def _on_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
+def reset_peak_memory(device: str | torch.device) -> None:
+    """Start a new peak for :func:`peak_memory_metrics` at what is allocated now (CUDA only)."""
+    if _on_cuda(device):
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_metrics(device: str | torch.device, phase: str) -> dict[str, float]:
+    """GiB the process held at most since the last :func:`reset_peak_memory`: tensors allocated and
+    memory reserved by PyTorch's caching allocator (what the card sees); empty off CUDA."""
+    if not _on_cuda(device):
+        return {}
+    return {
+        f"memory/{phase}_peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        f"memory/{phase}_peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+    }
 
 
 def _json_safe(value: Any) -> Any:
