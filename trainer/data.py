@@ -1,7 +1,8 @@
 """Which prompts each rollout trains on: a seeded, stateless walk over the parquet rows.
 
-Every row is validated when the source is opened (a bad row stops the run before its first step,
-or is dropped on request). Rollout ``k`` takes rows ``k * rollout_batch_size ... (k + 1) * rollout_batch_size - 1`` of an endless
+The rows are read in the prompt-data format of the run's env (``prompt_dataset``: the env module's
+``DATASET``, or the generic parquet format of ``envs.dataset``). Every row is validated when the
+source is opened (a bad row stops the run before its first step, or is dropped on request). Rollout ``k`` takes rows ``k * rollout_batch_size ... (k + 1) * rollout_batch_size - 1`` of an endless
 sequence of epochs, each epoch a permutation of the rows seeded by ``(seed, epoch)`` (or the file
 order when shuffling is off). Being a pure function of ``k``, the walk needs no saved state: a
 resumed run continues with exactly the prompts the uninterrupted run would have used.
@@ -15,6 +16,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from envs.dataset import DEFAULT_DATASET, DatasetError, ParquetDataset, dataset_of, format_row_problems
+from envs.loader import load_env_module
+from trainer.config import TrainConfig, plugin_config
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -24,18 +29,30 @@ class Prompt:
     images: list[Image.Image]
 
 
+def prompt_dataset(cfg: TrainConfig) -> ParquetDataset:
+    """The prompt-data format of the env that the run's plugin YAML names: its ``DATASET``, or the
+    generic format when it declares none."""
+    return dataset_of(load_env_module(plugin_config(cfg).rollout_interaction_env_path))
+
+
 class PromptSource:
-    """The usable rows of ``prompt_data``, every row validated up front (``validate_parquet``): a bad
-    row raises DatasetError naming every bad row, before the first step rather than at the step that
-    reaches it, unless ``drop_bad_rows`` leaves them out (``dropped`` lists what was left out)."""
+    """The usable rows of ``prompt_data`` in the format ``dataset`` (see :func:`prompt_dataset`),
+    every row validated up front (``validate_parquet``): a bad row raises DatasetError naming every
+    bad row, before the first step rather than at the step that reaches it, unless
+    ``drop_bad_rows`` leaves them out (``dropped`` lists what was left out)."""
 
     def __init__(
-        self, prompt_data: str | Path, *, seed: int, shuffle: bool = True, drop_bad_rows: bool = False
+        self,
+        prompt_data: str | Path,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        drop_bad_rows: bool = False,
+        dataset: ParquetDataset = DEFAULT_DATASET,
     ) -> None:
-        from envs.geo3k.dataset import DatasetError, format_row_problems, read_and_validate
-
         self.path = Path(prompt_data)
-        rows, self.problems = read_and_validate(self.path)
+        self.dataset = dataset
+        rows, self.problems = dataset.read_and_validate(self.path)
         bad = sorted({problem.index for problem in self.problems})
         if bad and not drop_bad_rows:
             raise DatasetError(
@@ -78,12 +95,12 @@ class PromptSource:
         return indices
 
     def batch(self, rollout_id: int, batch_size: int) -> list[Prompt]:
-        from envs.geo3k.dataset import load_row_images
-
         prompts = []
         for index in self.row_indices(rollout_id, batch_size):
             row = self.rows[index]
             prompts.append(
-                Prompt(row=row.index, problem=row.problem, label=row.answer, images=load_row_images(row))
+                Prompt(
+                    row=row.index, problem=row.problem, label=row.answer, images=self.dataset.load_images(row)
+                )
             )
         return prompts

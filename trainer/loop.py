@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from envs.geo3k.dataset import DatasetError
+from envs.dataset import DatasetError
 from envs.loader import load_env_module
 from trainer.batch import to_train_sample
 from trainer.checkpoint import (
@@ -74,7 +74,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import ConfigError, TrainConfig, plugin_config
-from trainer.data import PromptSource
+from trainer.data import PromptSource, prompt_dataset
 from trainer.grpo import group_advantages
 from trainer.metrics import (
     MetricsLogger,
@@ -335,7 +335,11 @@ def _open_prompts(cfg: TrainConfig, run_dir: Path, log) -> PromptSource:
     """The prompt rows, every one validated; the full list of bad rows goes to ``bad_rows.txt``."""
     try:
         prompts = PromptSource(
-            cfg.prompt_data, seed=cfg.seed, shuffle=cfg.rollout_shuffle, drop_bad_rows=cfg.drop_bad_rows
+            cfg.prompt_data,
+            seed=cfg.seed,
+            shuffle=cfg.rollout_shuffle,
+            drop_bad_rows=cfg.drop_bad_rows,
+            dataset=prompt_dataset(cfg),
         )
     except DatasetError as error:
         if not error.problems:

@@ -2,11 +2,12 @@
 
 A policy that never writes a tool call gets reward 0 in every episode, so GRPO has nothing to
 compare. A short supervised phase on correct transcripts teaches the call format and the
-multi-turn pattern first: call ``calc_score``, read the env's verdict, answer again after an
-"incorrect". The transcripts come from any geo3k-format parquet (``problem``, ``answer``,
-``images``): per row, the model's turns are tool calls; in a fraction of them
-(``sft_wrong_first``) the first call names another row's answer, the env says it is wrong and the
-second call names the right one.
+multi-turn pattern first: call the env's answer tool (``calc_score`` for Geometry3K), read the
+env's verdict, answer again after an "incorrect". The answer tool is the one tool of the env
+module's ``TOOLS`` with an ``answer`` argument (:func:`answer_tool`). The transcripts come from any
+parquet in the env's prompt-data format (``trainer.data.prompt_dataset``): per row, the model's
+turns are calls of that tool; in a fraction of them (``sft_wrong_first``) the first call names
+another row's answer, the env says it is wrong and the second call names the right one.
 
 Tokenization is the rollout's own: each transcript is played through ``rollout.generate`` with the
 real env and a :class:`ScriptedEngine` that answers each turn's request with the transcript's next
@@ -32,6 +33,8 @@ from typing import Any
 
 import torch
 
+from envs.dataset import DEFAULT_DATASET, ParquetDataset, dataset_of
+from envs.loader import load_env_module
 from models.logprobs import mm_token_type_ids
 from rollout.engines.base import FINISH_STOP, GenerateResult
 from trainer.batch import TrainSample, collate, micro_batches, to_train_sample
@@ -59,11 +62,38 @@ class TranscriptError(ValueError):
     """No usable transcript: the data or the settings cannot give SFT anything to train on."""
 
 
-def tool_call_turn(answer: str, form: str = "json") -> str:
-    from envs.geo3k.env import TOOL_NAME
+def answer_tool(env_module: Any) -> str:
+    """The name of the tool the transcripts call: the one tool in the env module's ``TOOLS`` whose
+    parameters include ``answer`` (the argument a transcript fills with the row's label)."""
+    tools = getattr(env_module, "TOOLS", None) or []
+    functions = [tool.get("function", tool) for tool in tools if isinstance(tool, dict)]
+    names = [
+        str(function.get("name"))
+        for function in functions
+        if "answer" in ((function.get("parameters") or {}).get("properties") or {})
+    ]
+    if len(names) != 1:
+        declared = ", ".join(str(function.get("name")) for function in functions) or "none"
+        raise TranscriptError(
+            f"the SFT warm-start calls the env's answer tool, the one tool in TOOLS with an 'answer' "
+            f"argument; {env_module.__name__} has {len(names)} such tool(s) (its TOOLS: {declared}). "
+            "Declare exactly one, or train without SFT (sft_steps: 0)"
+        )
+    return names[0]
+
+
+def _default_answer_tool() -> str:
+    """The answer tool of the env that a plugin YAML without ``rollout_interaction_env_path`` gets."""
+    from rollout.config import RolloutConfig
+
+    return answer_tool(load_env_module(RolloutConfig().rollout_interaction_env_path))
+
+
+def tool_call_turn(answer: str, form: str = "json", tool: str | None = None) -> str:
+    """One model turn calling ``tool`` (default: the default env's answer tool) with ``answer``."""
     from envs.tool_calls import format_call
 
-    return format_call(TOOL_NAME, {"answer": answer}, form)
+    return format_call(tool or _default_answer_tool(), {"answer": answer}, form)
 
 
 def build_transcripts(
@@ -74,12 +104,16 @@ def build_transcripts(
     max_turns: int,
     seed: int,
     form: str = "json",
+    tool: str | None = None,
+    dataset: ParquetDataset = DEFAULT_DATASET,
 ) -> list[Transcript]:
-    """``per_row`` transcripts per geo3k row (``envs.geo3k.dataset.Geo3kRow``). A transcript is wrong-first with probability ``wrong_first`` when another
-    answer exists and ``max_turns`` leaves room for a second call: its first call names another
-    row's answer (drawn from the data's answers, so the wrong answers look like real ones)."""
-    from envs.geo3k.dataset import load_row_images
-
+    """``per_row`` transcripts per prompt row (``envs.dataset.DatasetRow``), each a series of calls
+    of ``tool`` (:func:`answer_tool` of the run's env; default: that of the plugin's default env),
+    with the row's images loaded by ``dataset``. A transcript is wrong-first with probability
+    ``wrong_first`` when another answer exists and ``max_turns`` leaves room for a second call: its
+    first call names another row's answer (drawn from the data's answers, so the wrong answers look
+    like real ones)."""
+    tool = tool or _default_answer_tool()
     if per_row < 1:
         raise TranscriptError(f"sft transcripts per row must be >= 1, got {per_row}")
     rng = random.Random(f"sft-transcripts:{seed}")
@@ -87,12 +121,12 @@ def build_transcripts(
     transcripts = []
     for row in rows:
         label = str(row.answer).strip()
-        images = tuple(load_row_images(row))
+        images = tuple(dataset.load_images(row))
         others = [a for a in answers if a != label]
         for _ in range(per_row):
-            turns = [tool_call_turn(label, form)]
+            turns = [tool_call_turn(label, form, tool)]
             if others and max_turns >= 2 and rng.random() < wrong_first:
-                turns.insert(0, tool_call_turn(rng.choice(others), form))
+                turns.insert(0, tool_call_turn(rng.choice(others), form, tool))
             transcripts.append(
                 Transcript(
                     row=row.index,
@@ -237,18 +271,21 @@ def sft_forward(model, items: list[TrainSample], pad_token_id: int) -> tuple[tor
 
 def sft_data_rows(cfg: TrainConfig) -> list[Any]:
     """The rows the transcripts are built from: ``sft_data`` (a parquet file or a directory with
-    train.parquet), or the run's own ``prompt_data``; every row validated as for GRPO."""
-    from trainer.data import PromptSource
+    train.parquet), or the run's own ``prompt_data``; every row validated as for GRPO, in the
+    prompt-data format of the run's env."""
+    from trainer.data import PromptSource, prompt_dataset
 
     path = Path(cfg.sft_data or cfg.prompt_data).expanduser()
     if path.is_dir():
         path = path / "train.parquet"
     if not path.is_file():
         raise FileNotFoundError(
-            f"sft_data {path} does not exist; pass a geo3k-format parquet (columns problem, answer, "
-            "images) or a directory with train.parquet"
+            f"sft_data {path} does not exist; pass a parquet in the env's prompt-data format "
+            "(by default the columns problem, answer, images) or a directory with train.parquet"
         )
-    return PromptSource(path, seed=cfg.seed, shuffle=False, drop_bad_rows=cfg.drop_bad_rows).rows
+    return PromptSource(
+        path, seed=cfg.seed, shuffle=False, drop_bad_rows=cfg.drop_bad_rows, dataset=prompt_dataset(cfg)
+    ).rows
 
 
 def rollout_before_sft(policy: Any, cfg: TrainConfig, prompts: Any) -> dict[str, float]:
@@ -260,7 +297,10 @@ def rollout_before_sft(policy: Any, cfg: TrainConfig, prompts: Any) -> dict[str,
     from trainer.rollouts import TurnSeededEngine, build_group_samples, rollout_args, run_rollout
 
     engine = LocalEngine(
-        policy, max_batch_size=cfg.engine_max_batch_size, batch_wait_ms=cfg.engine_batch_wait_ms, seed=cfg.seed
+        policy,
+        max_batch_size=cfg.engine_max_batch_size,
+        batch_wait_ms=cfg.engine_batch_wait_ms,
+        seed=cfg.seed,
     )
     args = rollout_args(cfg, TurnSeededEngine(engine), str(policy.path))
     samples = build_group_samples(prompts.batch(0, cfg.rollout_batch_size), cfg, policy.tokenizer, 0)
@@ -292,16 +332,19 @@ def run_sft(
             f"{baseline['rollout/tool_calls_per_episode']:.2f} tool calls and "
             f"{baseline['rollout/turns_mean']:.2f} turns per episode"
         )
-    max_turns = plugin_config(cfg).max_turns
+    plugin = plugin_config(cfg)
+    env_module = load_env_module(plugin.rollout_interaction_env_path)
     form = call_form_for(str(policy.path))
     rows = sft_data_rows(cfg)
     transcripts = build_transcripts(
         rows,
         per_row=cfg.sft_transcripts_per_row,
         wrong_first=cfg.sft_wrong_first,
-        max_turns=max_turns,
+        max_turns=plugin.max_turns,
         seed=cfg.seed,
         form=form,
+        tool=answer_tool(env_module),
+        dataset=dataset_of(env_module),
     )
     items, problems = tokenize_transcripts(
         transcripts, cfg, policy.tokenizer, str(policy.path), policy.model.config

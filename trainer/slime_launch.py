@@ -32,9 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrainConfig
+from trainer.config import DEFAULT_PLUGIN_CONFIG, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The prompt file's problem, label and images columns, as slime is told them (the generic format's).
+SLIME_DATA_COLUMNS = ("problem", "answer", "images")
 DATASET_REPO = "VeraIsHere/geo3k_imgurl_processed"
 DEFAULT_MEGATRON_PATH = "/root/Megatron-LM/"
 CUDNN_FIX = "pip install nvidia-cudnn-cu12==9.16.0.29"
@@ -219,9 +221,9 @@ def build_slime_args(cfg: TrainConfig, launch: SlimeLaunch) -> list[str]:
         "--load", str(launch.model_dir),
         # data: slime builds the chat-templated prompt and decodes the images itself
         "--prompt-data", str(launch.prompt_data),
-        "--input-key", "problem",
-        "--label-key", "answer",
-        "--multimodal-keys", json.dumps({"image": "images"}),
+        "--input-key", SLIME_DATA_COLUMNS[0],
+        "--label-key", SLIME_DATA_COLUMNS[1],
+        "--multimodal-keys", json.dumps({"image": SLIME_DATA_COLUMNS[2]}),
         "--apply-chat-template",
         # the plugin
         "--custom-generate-function-path", "rollout.generate",
@@ -397,20 +399,31 @@ def _cudnn_finding(torch_version: str, cudnn_version: int | None) -> Finding:
     return Finding("ok", text)
 
 
-def dataset_problems(path: Path) -> list[Any]:
-    """Every problem of every row, as slime and this plugin will read them (``envs.geo3k.dataset.RowProblem``).
+def plugin_dataset(plugin_config: Path) -> Any:
+    """The prompt-data format (``envs.dataset.ParquetDataset``) of the env that a plugin YAML names:
+    the env module's ``DATASET``, or the generic format when it declares none."""
+    from envs.dataset import dataset_of
+    from envs.loader import load_env_module
+    from rollout.config import RolloutConfig
 
-    The dataset's own validation (cell types, placeholder/image counts, empty problems, labels, images
-    missing, oversized, corrupt or given as URLs, which the rollout refuses), plus what only slime
-    minds: slime resolves a relative image path against its own working directory (the slime
-    checkout), not the parquet file's. Raises ``DatasetError`` or ``FileNotFoundError`` for a file
-    with no rows to report on (unreadable, columns missing)."""
+    return dataset_of(load_env_module(RolloutConfig.from_yaml(plugin_config).rollout_interaction_env_path))
+
+
+def dataset_problems(path: Path, dataset: Any) -> list[Any]:
+    """Every problem of every row, as slime and this plugin will read them (``envs.dataset.RowProblem``).
+
+    The validation of the env's format ``dataset`` (cell types, placeholder/image counts, empty
+    problems, labels, images missing, oversized, corrupt or given as URLs, which the rollout
+    refuses), plus what only slime minds: slime resolves a relative image path against its own
+    working directory (the slime checkout), not the parquet file's. Raises ``DatasetError`` or
+    ``FileNotFoundError`` for a file with no rows to report on (unreadable, columns missing)."""
     import pyarrow.parquet as pq
 
-    from envs.geo3k.dataset import RowProblem, validate_parquet
+    from envs.dataset import RowProblem
 
-    problems = validate_parquet(path)
-    images = pq.read_table(path, columns=["images"]).column("images").to_pylist()
+    problems = dataset.validate_parquet(path)
+    column = dataset.images_column
+    images = pq.read_table(path, columns=[column]).column(column).to_pylist()
     for index, refs in enumerate(images):
         for k, ref in enumerate(refs if isinstance(refs, list) else []):
             if isinstance(ref, str) and not (
@@ -419,7 +432,7 @@ def dataset_problems(path: Path) -> list[Any]:
                 problems.append(
                     RowProblem(
                         index,
-                        "images",
+                        column,
                         f"image {k} path {ref!r} is relative; slime resolves it against its own working "
                         "directory. Rewrite the data with absolute paths (make_sample_data.py --absolute-paths) "
                         "or data URIs (--image-mode data_uri)",
@@ -428,14 +441,29 @@ def dataset_problems(path: Path) -> list[Any]:
     return sorted(problems, key=lambda p: p.index)
 
 
-def check_dataset(path: Path) -> list[Finding]:
-    """One finding for the whole prompt data file: every bad row (row, column, reason) or that all are valid."""
-    from envs.geo3k.dataset import DatasetError, format_row_problems
+def check_dataset(path: Path, plugin_config: Path = REPO_ROOT / DEFAULT_PLUGIN_CONFIG) -> list[Finding]:
+    """One finding for the whole prompt data file, read in the format of the env that
+    ``plugin_config`` names: every bad row (row, column, reason) or that all are valid."""
+    from envs.dataset import DatasetError, format_row_problems
+    from rollout.config import ConfigError
 
     if not path.is_file():
         return [Finding("error", f"prompt data {path} does not exist")]
     try:
-        problems = dataset_problems(path)
+        dataset = plugin_dataset(plugin_config)
+    except (ConfigError, ImportError, TypeError) as error:
+        return [Finding("error", f"cannot check {path}: its format is the env's of {plugin_config}: {error}")]
+    if dataset.columns != SLIME_DATA_COLUMNS:
+        return [
+            Finding(
+                "error",
+                f"the env of {plugin_config} reads the columns {', '.join(dataset.columns)}, but slime is "
+                f"given {', '.join(SLIME_DATA_COLUMNS)} (--input-key, --label-key, --multimodal-keys); "
+                "a slime run needs prompt data in these default column names",
+            )
+        ]
+    try:
+        problems = dataset_problems(path, dataset)
     except (DatasetError, FileNotFoundError) as error:
         return [Finding("error", str(error))]
     if problems:
@@ -514,7 +542,7 @@ def preflight(launch: SlimeLaunch) -> list[Finding]:
         findings.append(_cudnn_finding(torch.__version__, cudnn))
     except ImportError:
         findings.append(Finding("error", "torch is not importable"))
-    findings.extend(check_dataset(launch.prompt_data))
+    findings.extend(check_dataset(launch.prompt_data, launch.plugin_config))
     if (launch.model_dir / "config.json").is_file():
         findings.append(Finding("ok", f"checkpoint {launch.model_dir}"))
     else:
