@@ -14,6 +14,29 @@ warm-up (``--baseline-generate``: the same for ``model.generate``).
     # the same for Qwen3.5-4B's shape (hybrid: Gated DeltaNet + gated full attention)
     python bench/engine_throughput.py --random-init-shape qwen3.5-4b --device cuda --dtype bfloat16
 
+``--decode {eager,static,auto}`` selects the engine's decode path (passed to ``LocalEngine`` only
+when given). Each row also reports the decode alone against the memory-bandwidth roofline: the
+prefill is timed separately (the same batch with one new token, or the engine's own
+``prefill_seconds``/``decode_seconds`` when its stats have them), and
+
+    bytes per decode step = the text model's weights a step reads (decoder layers, final norm, the
+                            output projection once even when tied, B embedding rows; no vision tower)
+                          + the KV cache it reads (attention layers x 2 x KV heads x head dim
+                            x dtype bytes x the rows' summed context, at the mean context of the
+                            decode: prompt tokens with image pads expanded + new tokens / 2)
+                          + linear-attention state (hybrid models: recurrent and conv state per row)
+    roofline tok/s = B x bandwidth / bytes per step
+
+with the bandwidth from ``--bandwidth-gbs`` or, on CUDA, measured once with a large
+device-to-device copy (none on CPU: no roofline there). ``--profile`` adds one batch under
+torch.profiler after the timed runs: per decode step the wall time, the GPU's kernel time (memory
+copies included), the kernels run and the launch calls made, and the GPU busy share (kernel time /
+wall); a one-token run of the same batch under the profiler is subtracted so the prefill is left
+out. On CPU only the wall time.
+
+    python bench/engine_throughput.py --random-init-shape qwen2.5-vl-3b --device cuda --dtype bfloat16 \\
+        --batch-sizes 16,64 --new-tokens 256 --repeats 3 --decode static --profile
+
 Prints a markdown table and writes bench/results/engine_throughput-<host>-<date>.json. On a
 machine without network, the tiny preset's tokenizer is built from Qwen's BPE ranks cached at
 ``.cache/vlm-multiturn/qwen.tiktoken`` (Qwen3.5: ``qwen3_5.tiktoken``; copy it along with the
@@ -28,6 +51,7 @@ import json
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -268,6 +292,15 @@ def diagram(seed: int) -> Image.Image:
     return image
 
 
+# Keys of ``engine.stats`` that time a batch's phases, when the engine keeps them (cumulative seconds).
+ENGINE_TIMING_KEYS = ("prefill_seconds", "decode_seconds")
+# CUDA runtime and driver calls that launch work on the GPU (one graph launch runs many kernels).
+LAUNCH_CALLS = frozenset({
+    "cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+    "cudaLaunchCooperativeKernel", "cudaGraphLaunch", "cuGraphLaunch",
+})  # fmt: skip
+
+
 @dataclass
 class Row:
     batch_size: int
@@ -280,6 +313,132 @@ class Row:
     generate_tokens_per_s: float | None = None
     seconds_per_run: list[float] | None = None
     generate_seconds_per_run: list[float] | None = None
+    decode: str | None = None  # ``--decode`` as given; None: the engine's default
+    engine_stats: dict | None = None
+    # The decode alone: the batch's time less its prefill (image processing, vision tower, prefill,
+    # first token), over the tokens sampled after the first; medians over the runs.
+    prefill_seconds: float | None = None
+    decode_seconds: float | None = None
+    decode_tokens_per_s: float | None = None
+    # What one decode step reads (see StepBytes), and the roofline it sets at the bandwidth.
+    mean_context_tokens: float | None = None
+    weight_bytes: int | None = None
+    kv_bytes: int | None = None
+    state_bytes: int | None = None
+    bytes_per_step: int | None = None
+    bytes_formula: str | None = None
+    bandwidth_gbs: float | None = None
+    roofline_tokens_per_s: float | None = None
+    roofline_percent: float | None = None
+    # ``--profile``: per decode step (see profile_decode).
+    profile: dict | None = None
+
+
+def engine_options(decode: str | None) -> dict:
+    """``LocalEngine`` keywords for ``--decode``: none unless it was given, so the script also runs
+    engines that have no decode option."""
+    return {} if decode is None else {"decode": decode}
+
+
+def git_commit(root: Path = HERE.parent) -> str | None:
+    """The checkout's commit, with "+dirty" when tracked files differ from it; None outside git."""
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=root, capture_output=True, text=True, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no").strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("+dirty" if changed else "")
+
+
+# --- the memory-bandwidth roofline of a decode step ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepBytes:
+    """The bytes one decode step of a batch reads from device memory."""
+
+    weights: int  # decoder layers, final norm, output projection, the batch's embedding rows
+    kv: int  # the attention layers' KV cache at the rows' context
+    state: int  # linear-attention layers' recurrent and conv state (hybrid models; 0 otherwise)
+    kv_formula: str  # the KV term with its numbers
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.state
+
+
+def language_model(model):
+    """The text decoder of a Qwen-VL model (Qwen2.5-VL, Qwen3-VL and Qwen3.5 keep it here)."""
+    return model.model.language_model
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of the weights every decode step reads, whatever the batch: each parameter of the
+    language model but the token embedding (a step looks up only its batch's rows), plus the output
+    projection's matrix, counted once when it is tied to the embedding. The vision tower runs at
+    prefill only."""
+    embedding = model.get_input_embeddings().weight
+    read = {id(p): p for p in language_model(model).parameters() if p is not embedding}
+    read.update((id(p), p) for p in model.get_output_embeddings().parameters())
+    return sum(p.numel() * p.element_size() for p in read.values())
+
+
+def decode_step_bytes(model, batch: int, mean_context: float) -> StepBytes:
+    """What one decode step of ``batch`` rows reads, each row at ``mean_context`` tokens of context.
+    KV cache and conv state are in the model's dtype; transformers keeps the linear-attention
+    recurrent state in fp32."""
+    text = getattr(model.config, "text_config", model.config)
+    element = next(language_model(model).parameters()).element_size()
+    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
+    attention_layers = sum(kind != "linear_attention" for kind in layer_types)
+    linear_layers = len(layer_types) - attention_layers
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = text.num_key_value_heads
+    kv = round(attention_layers * 2 * kv_heads * head_dim * element * batch * mean_context)
+    state = 0
+    if linear_layers:
+        keys, values = text.linear_key_head_dim, text.linear_value_head_dim
+        recurrent = text.linear_num_value_heads * keys * values * 4
+        conv_channels = 2 * text.linear_num_key_heads * keys + text.linear_num_value_heads * values
+        conv = conv_channels * text.linear_conv_kernel_dim * element
+        state = linear_layers * batch * (recurrent + conv)
+    return StepBytes(
+        weights=decode_weight_bytes(model) + batch * text.hidden_size * element,
+        kv=kv,
+        state=state,
+        kv_formula=(
+            f"{attention_layers} layers x 2 x {kv_heads} KV heads x {head_dim} x {element} B x {batch} rows "
+            f"x {mean_context:,.0f} tokens"
+        ),
+    )
+
+
+def measure_bandwidth_gbs(device: str, gib: float = 2.0, runs: int = 10) -> float:
+    """The device's memory bandwidth in GB/s: a device-to-device copy of ``gib`` GiB, bytes read
+    plus bytes written over its time (CUDA events), the median of ``runs`` copies after a warm-up."""
+    size = int(gib * 2**30)
+    with torch.cuda.device(torch.device(device)):
+        source = torch.empty(size, dtype=torch.uint8, device=device)
+        target = torch.empty_like(source)
+        target.copy_(source)
+        seconds = []
+        for _ in range(runs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            target.copy_(source)
+            end.record()
+            end.synchronize()
+            seconds.append(start.elapsed_time(end) / 1e3)
+        del source, target
+        torch.cuda.empty_cache()
+    return 2 * size / statistics.median(seconds) / 1e9
+
+
+# --- runs ----------------------------------------------------------------------------------------
 
 
 def plain_generate_seconds(
@@ -305,23 +464,124 @@ def plain_generate_seconds(
 
 
 async def _one_batch(engine: LocalEngine, prompt_ids: list[int], images: list[Image.Image], new_tokens: int):
+    """One batch, each request exactly ``new_tokens`` long: results, wall seconds, and the engine's
+    own phase timings over it (when its stats keep them)."""
     params = {"temperature": 1.0, "max_new_tokens": new_tokens, "ignore_eos": True}
+    before = dict(engine.stats)
     started = time.perf_counter()
     results = await asyncio.gather(*(engine.generate(prompt_ids, [image], params) for image in images))
     seconds = time.perf_counter() - started
     if any(r.finish_reason != "length" for r in results):
         reasons = sorted({str(r.meta_info["finish_reason"]) for r in results})
         raise RuntimeError(f"a benchmark request did not run to its length: {reasons}")
-    return results, seconds
+    timing = {key: engine.stats[key] - before[key] for key in ENGINE_TIMING_KEYS if key in before}
+    return results, seconds, timing
+
+
+async def _decode_timing(engine, prompt_ids, runs, batch: int, repeats: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of a batch, medians: the engine's own timings when it
+    keeps them, else the timed runs' wall time less that of as many runs with one new token each
+    (the same batch with new images: image processing, vision tower, prefill, the first token)."""
+    timings = [timing for _, _, timing in runs]
+    if all(set(ENGINE_TIMING_KEYS) <= timing.keys() for timing in timings):
+        return tuple(statistics.median(t[key] for t in timings) for key in ENGINE_TIMING_KEYS)
+    prefill = []
+    for repeat in range(repeats):
+        images = [diagram(30_000 + repeat * batch + i) for i in range(batch)]
+        prefill.append((await _one_batch(engine, prompt_ids, images, 1))[1])
+    prefill_seconds = statistics.median(prefill)
+    return prefill_seconds, statistics.median(seconds for _, seconds, _ in runs) - prefill_seconds
+
+
+async def _profiled_batch(engine, prompt_ids, images, new_tokens: int, cuda: bool) -> dict:
+    """One batch under torch.profiler: wall seconds and, on CUDA, the GPU's kernel time (self
+    device time of every device event, memory copies included), its kernels and the launch calls."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        _, seconds, _ = await _one_batch(engine, prompt_ids, images, new_tokens)
+    totals = {"wall_ms": seconds * 1e3, "kernel_ms": 0.0, "kernels": 0, "launch_calls": 0}
+    if cuda:
+        for event in prof.key_averages():
+            if event.device_type == DeviceType.CUDA:
+                totals["kernel_ms"] += event.self_device_time_total / 1e3
+                totals["kernels"] += event.count
+            elif event.key in LAUNCH_CALLS:
+                totals["launch_calls"] += event.count
+    return totals
+
+
+async def profile_decode(
+    engine, prompt_ids, batch: int, new_tokens: int, cuda: bool, prefill_runs: int = 3
+) -> dict:
+    """Per decode step of one profiled batch: wall ms, GPU kernel ms, kernels, launch calls and the
+    GPU busy share (kernel time / wall). The same batch with one new token, also profiled, is
+    subtracted, which leaves the ``new_tokens - 1`` decode steps: the fastest of ``prefill_runs``
+    such runs, since interference only ever adds time. On CPU the wall time only; None where the
+    noise exceeded the decode (a tiny model on a busy machine)."""
+    images = [diagram(40_000 + i) for i in range(batch)]
+    full = await _profiled_batch(engine, prompt_ids, images, new_tokens, cuda)
+    prefills = []
+    for run in range(prefill_runs):
+        images = [diagram(45_000 + run * batch + i) for i in range(batch)]
+        prefills.append(await _profiled_batch(engine, prompt_ids, images, 1, cuda))
+    prefill = min(prefills, key=lambda totals: totals["wall_ms"])
+    steps = new_tokens - 1
+    per_step = {key: (full[key] - prefill[key]) / steps for key in full}
+    wall = per_step["wall_ms"] if per_step["wall_ms"] > 0 else None
+    result = {"decode_steps": steps, "wall_ms_per_step": None if wall is None else round(wall, 3)}
+    result.update(
+        kernel_ms_per_step=None, kernels_per_step=None, launch_calls_per_step=None, gpu_busy_share=None
+    )
+    if cuda:
+        result.update(
+            kernel_ms_per_step=round(per_step["kernel_ms"], 3),
+            kernels_per_step=round(per_step["kernels"], 1),
+            launch_calls_per_step=round(per_step["launch_calls"], 1),
+            gpu_busy_share=None if wall is None else round(per_step["kernel_ms"] / wall, 3),
+        )
+    return result
+
+
+def _roofline_fields(
+    model, batch: int, new_tokens: int, prompt_tokens: int, decode_tokens_per_s, bandwidth_gbs
+):
+    mean_context = prompt_tokens + new_tokens / 2
+    step = decode_step_bytes(model, batch, mean_context)
+    roofline = batch * bandwidth_gbs * 1e9 / step.total if bandwidth_gbs else None
+    return dict(
+        mean_context_tokens=mean_context,
+        weight_bytes=step.weights,
+        kv_bytes=step.kv,
+        state_bytes=step.state,
+        bytes_per_step=step.total,
+        bytes_formula=step.kv_formula,
+        bandwidth_gbs=round(bandwidth_gbs, 1) if bandwidth_gbs else None,
+        roofline_tokens_per_s=round(roofline, 1) if roofline else None,
+        roofline_percent=round(100 * decode_tokens_per_s / roofline, 2)
+        if roofline and decode_tokens_per_s
+        else None,
+    )
 
 
 async def run_benchmark(
-    policy: Policy, batch_sizes: list[int], new_tokens: int, repeats: int, baseline: bool = False
+    policy: Policy,
+    batch_sizes: list[int],
+    new_tokens: int,
+    repeats: int,
+    baseline: bool = False,
+    *,
+    decode: str | None = None,
+    bandwidth_gbs: float | None = None,
+    profile: bool = False,
 ) -> list[Row]:
     """Each batch size: a warm-up, then ``repeats`` timed batches, the median reported (every run is
-    in ``seconds_per_run``). With ``baseline``, ``model.generate`` gets the same: its own warm-up,
-    as many timed runs, the median, and new images for every run on both sides (drawn before the
-    timer; image processing inside it on both sides)."""
+    in ``seconds_per_run``), then the prefill timing and, with ``profile``, the profiled batch. With
+    ``baseline``, ``model.generate`` gets the same: its own warm-up, as many timed runs, the median,
+    and new images for every run on both sides (drawn before the timer; image processing inside it
+    on both sides)."""
     messages = [
         {
             "role": "user",
@@ -330,19 +590,37 @@ async def run_benchmark(
     ]
     text = policy.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     prompt_ids = policy.tokenizer(text)["input_ids"]
+    cuda = next(policy.model.parameters()).device.type == "cuda"
     rows = []
     for batch in batch_sizes:
         runs = []
-        async with LocalEngine(policy, max_batch_size=batch, batch_wait_ms=1000.0) as engine:
+        options = engine_options(decode)
+        async with LocalEngine(policy, max_batch_size=batch, batch_wait_ms=1000.0, **options) as engine:
             await _one_batch(engine, prompt_ids, [diagram(10_000)], 2)  # warm-up
             for repeat in range(repeats):
                 images = [diagram(repeat * batch + i) for i in range(batch)]
                 runs.append(await _one_batch(engine, prompt_ids, images, new_tokens))
             assert engine.stats["max_batch_rows"] == batch, engine.stats
-        seconds_per_run = [seconds for _, seconds in runs]
+            prefill_seconds = decode_seconds = None
+            if new_tokens > 1:
+                prefill_seconds, decode_seconds = await _decode_timing(
+                    engine, prompt_ids, runs, batch, repeats
+                )
+            profiled = (
+                await profile_decode(engine, prompt_ids, batch, new_tokens, cuda)
+                if profile and new_tokens > 1
+                else None
+            )
+            engine_stats = dict(engine.stats)
+        seconds_per_run = [seconds for _, seconds, _ in runs]
         results = runs[0][0]
         generated = sum(len(r.token_ids) for r in results)
         seconds = statistics.median(seconds_per_run)
+        decode_tokens_per_s = (
+            batch * (new_tokens - 1) / decode_seconds
+            if decode_seconds is not None and decode_seconds > 0
+            else None
+        )
         generate_tokens_per_s = generate_seconds_per_run = None
         if baseline:
             plain_generate_seconds(policy, text, [diagram(20_000)], 2)  # warm-up
@@ -354,17 +632,27 @@ async def run_benchmark(
             ]
             generate_tokens_per_s = round(plain[0][0] / statistics.median(s for _, s in plain), 1)
             generate_seconds_per_run = [round(s, 3) for _, s in plain]
+        prompt_tokens = results[0].meta_info["prompt_tokens"]
         rows.append(
             Row(
                 batch_size=batch,
                 new_tokens_per_request=new_tokens,
-                prompt_tokens_per_request=results[0].meta_info["prompt_tokens"],
+                prompt_tokens_per_request=prompt_tokens,
                 generated_tokens=generated,
                 seconds=round(seconds, 3),
                 tokens_per_s=round(generated / seconds, 1),
                 generate_tokens_per_s=generate_tokens_per_s,
                 seconds_per_run=[round(x, 3) for x in seconds_per_run],
                 generate_seconds_per_run=generate_seconds_per_run,
+                decode=decode,
+                engine_stats=engine_stats,
+                prefill_seconds=round(prefill_seconds, 4) if prefill_seconds is not None else None,
+                decode_seconds=round(decode_seconds, 4) if decode_seconds is not None else None,
+                decode_tokens_per_s=round(decode_tokens_per_s, 1) if decode_tokens_per_s else None,
+                **_roofline_fields(
+                    policy.model, batch, new_tokens, prompt_tokens, decode_tokens_per_s, bandwidth_gbs
+                ),
+                profile=profiled,
             )
         )
         print(
@@ -375,20 +663,65 @@ async def run_benchmark(
     return rows
 
 
+# --- report --------------------------------------------------------------------------------------
+
+
+def _number(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
 def markdown(rows: list[Row]) -> str:
     baseline = any(r.generate_tokens_per_s is not None for r in rows)
     lines = [
         "| batch | prompt tokens / request | new tokens / request | wall s | generated tok/s |"
-        + (" model.generate tok/s |" if baseline else ""),
-        "|---:|---:|---:|---:|---:|" + ("---:|" if baseline else ""),
+        " decode tok/s | roofline tok/s | % of roofline |" + (" model.generate tok/s |" if baseline else ""),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if baseline else ""),
     ]
     for r in rows:
         lines.append(
             f"| {r.batch_size} | {r.prompt_tokens_per_request} | {r.new_tokens_per_request} | "
-            f"{r.seconds:.2f} | {r.tokens_per_s:.1f} |"
+            f"{r.seconds:.2f} | {r.tokens_per_s:.1f} | {_number(r.decode_tokens_per_s)} | "
+            f"{_number(r.roofline_tokens_per_s, 0)} | {_number(r.roofline_percent, 2)} |"
             + (f" {r.generate_tokens_per_s:.1f} |" if baseline else "")
         )
+    lines.append("")
+    lines.extend(roofline_line(r) for r in rows)
+    if any(r.profile for r in rows):
+        lines += [
+            "",
+            "| batch | wall ms / decode step | GPU kernel ms / step | kernels / step | launch calls / step | GPU busy |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            if r.profile:
+                p = r.profile
+                busy = "-" if p["gpu_busy_share"] is None else f"{100 * p['gpu_busy_share']:.1f}%"
+                lines.append(
+                    f"| {r.batch_size} | {_number(p['wall_ms_per_step'], 2)} | {_number(p['kernel_ms_per_step'], 2)} | "
+                    f"{_number(p['kernels_per_step'])} | {_number(p['launch_calls_per_step'])} | {busy} |"
+                )
     return "\n".join(lines)
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e9:.2f} GB" if count >= 1e7 else f"{count / 1e6:.3f} MB"
+
+
+def roofline_line(r: Row) -> str:
+    """The roofline of one row with its numbers, e.g. "batch 64: bytes/step = 6.18 GB weights +
+    0.97 GB KV (36 layers x ...) = 7.15 GB; roofline at 4.30 TB/s = 38,480 tok/s; decode 3,000 tok/s
+    = 7.80% of it"."""
+    state = f" + {_size(r.state_bytes)} linear-attention state" if r.state_bytes else ""
+    line = (
+        f"batch {r.batch_size}: bytes/step = {_size(r.weight_bytes)} weights + {_size(r.kv_bytes)} KV "
+        f"({r.bytes_formula}){state} = {_size(r.bytes_per_step)}; "
+    )
+    if r.roofline_tokens_per_s is None:
+        return line + "no roofline (no bandwidth: pass --bandwidth-gbs; measured on CUDA only)"
+    line += f"roofline at {r.bandwidth_gbs / 1e3:.2f} TB/s = {r.roofline_tokens_per_s:,.0f} tok/s"
+    if r.roofline_percent is not None:
+        line += f"; decode {r.decode_tokens_per_s:,.0f} tok/s = {r.roofline_percent:.2f}% of it"
+    return line
 
 
 def machine(device: str) -> dict:
@@ -427,12 +760,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--decode",
+        choices=["eager", "static", "auto"],
+        default=None,
+        help="the engine's decode path (default: its own)",
+    )
+    parser.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=None,
+        help="memory bandwidth for the roofline (default: measured on CUDA)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="profile one more batch: kernel vs wall time per step"
+    )
     parser.add_argument("--output-dir", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if not args.batch_sizes or min(args.batch_sizes) < 1:
         parser.error(f"--batch-sizes must be positive integers, got {args.batch_sizes}")
     return args
+
+
+def write_report(output_dir: Path, benchmark: str, report: dict) -> Path:
+    """Append ``report`` to the day's file of this benchmark and host (runs accumulate in it)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    out = output_dir / f"{benchmark}-{socket.gethostname()}-{report['date']}.json"
+    runs = json.loads(out.read_text()).get("runs", []) if out.is_file() else []
+    out.write_text(json.dumps({"runs": [*runs, report]}, indent=2, default=str) + "\n")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -443,9 +800,19 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     policy, model_name = bench_policy(args.model, args.random_init_shape, device, dtype)
     parameters = sum(p.numel() for p in policy.model.parameters())
+    bandwidth_gbs, bandwidth_source = args.bandwidth_gbs, "given"
+    if bandwidth_gbs is None and device.startswith("cuda"):
+        bandwidth_gbs, bandwidth_source = measure_bandwidth_gbs(device), "measured (device-to-device copy)"
     rows = asyncio.run(
         run_benchmark(
-            policy, args.batch_sizes, args.new_tokens, args.repeats, baseline=args.baseline_generate
+            policy,
+            args.batch_sizes,
+            args.new_tokens,
+            args.repeats,
+            baseline=args.baseline_generate,
+            decode=args.decode,
+            bandwidth_gbs=bandwidth_gbs,
+            profile=args.profile,
         )
     )
     report = {
@@ -454,20 +821,22 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(
             ["python", "bench/engine_throughput.py", *(argv if argv is not None else sys.argv[1:])]
         ),
+        "git_commit": git_commit(),
         "model": model_name,
         "parameters": parameters,
         "dtype": str(dtype).removeprefix("torch."),
         "image_size": IMAGE_SIZE,
+        "decode": args.decode,
+        "bandwidth_gbs": round(bandwidth_gbs, 1) if bandwidth_gbs else None,
+        "bandwidth_source": bandwidth_source if bandwidth_gbs else None,
         "machine": machine(device),
         "results": [asdict(r) for r in rows],
     }
-    print(f"\n{model_name} ({parameters / 1e6:.1f} M parameters, {report['dtype']}) on {device}\n")
+    decode = f", decode {args.decode}" if args.decode else ""
+    print(f"\n{model_name} ({parameters / 1e6:.1f} M parameters, {report['dtype']}{decode}) on {device}\n")
     print(markdown(rows))
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    out = args.output_dir / f"engine_throughput-{socket.gethostname()}-{report['date']}.json"
     # One file per host and day; runs with different models or devices accumulate in it.
-    runs = json.loads(out.read_text()).get("runs", []) if out.is_file() else []
-    out.write_text(json.dumps({"runs": [*runs, report]}, indent=2) + "\n")
+    out = write_report(args.output_dir, "engine_throughput", report)
     print(f"\nwrote {out}")
     return report
 
