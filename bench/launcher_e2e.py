@@ -214,7 +214,9 @@ def git_commit() -> str | None:
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The benchmark's arguments, and the launcher's (everything after ``--``)."""
     ours, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="Arguments after -- go to the launcher, after these."
+    )
     parser.add_argument("--model", default="tiny-qwen2.5-vl", help="a preset name or a checkpoint directory")
     parser.add_argument(
         "--random-init-shape", choices=sorted(SHAPES), default=None, help="random bf16 weights of this shape"
@@ -232,6 +234,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )  # fmt: skip
     parser.add_argument("--output-dir", type=Path, default=HERE / "results")
     args = parser.parse_args(ours)
+    args.work_dir = args.work_dir.resolve()  # the launcher runs in the repository root
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.gpu_memory_gib is not None and not args.device.startswith("cuda"):
         parser.error(f"--gpu-memory-gib caps CUDA memory; the device is {args.device}")
