@@ -148,3 +148,32 @@ def test_a_relative_env_file_in_a_plugin_yaml_is_found_next_to_the_yaml(fixtures
     assert RolloutConfig.from_yaml(plugin).rollout_interaction_env_path == "here.py"
     plugin.write_text("rollout_interaction_env_path: envs.geo3k\n")
     assert RolloutConfig.from_yaml(plugin).rollout_interaction_env_path == "envs.geo3k"
+
+
+def test_the_zoom_plugin_config_validates_and_builds_the_zoom_env(grader) -> None:
+    """configs/geo3k_zoom.yaml goes through the validation every entry point uses, has the keys of
+    the calc_score recipe's YAML, and its env path and env_kwargs build a Geo3kZoomEnv."""
+    import yaml
+    from PIL import Image
+
+    import envs.geo3k_zoom
+    from rollout.config import RolloutConfig
+    from rollout.sample import Sample
+    from trainer.config import TrainConfig, plugin_config
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    config = RolloutConfig.from_yaml(configs / "geo3k_zoom.yaml")
+    assert config.rollout_interaction_env_path == "envs.geo3k_zoom"
+    assert load_env_module(config.rollout_interaction_env_path) is envs.geo3k_zoom
+    assert plugin_config(TrainConfig(custom_config_path=str(configs / "geo3k_zoom.yaml"))) == config
+    zoom_keys = set(yaml.safe_load((configs / "geo3k_zoom.yaml").read_text()))
+    assert zoom_keys == set(yaml.safe_load((configs / "geo3k_vlm_multi_turn.yaml").read_text()))
+
+    sample = Sample(label="5", multimodal_inputs={"images": [Image.new("RGB", (112, 112), "white")]})
+    args = argparse.Namespace(max_turns=config.max_turns)
+    env = build_and_check_env(envs.geo3k_zoom, sample, args, grader=grader, **config.env_kwargs)
+    try:
+        assert isinstance(env, envs.geo3k_zoom.Geo3kZoomEnv)
+        assert (env.zoom_size, env.settings.max_turns) == (224, 4)
+    finally:
+        env.close()
