@@ -1,0 +1,273 @@
+"""A whole rollout on the local engine: episodes of several turns through the plugin's rollout code,
+generated tokens per second end to end.
+
+``--episodes`` episodes (default 64) run concurrently the way the local trainer runs a step
+(``trainer.rollouts.run_rollout``: ``rollout.generate`` per episode against a ``LocalEngine``
+behind ``TurnSeededEngine``, then ``rollout.reward``), each prompt with its own 448x448 diagram,
+temperature 1, at most ``--tokens-per-turn`` tokens a turn. The env is the test suite's feedback
+env (tests/rollout/envs_for_tests.py): every turn answers with a line of text
+(``--observation-image``: a small image and the text) and never ends the episode, so every episode
+runs ``--turns`` turns whatever a random-weight model writes.
+
+The timer holds the whole rollout: building the prompts, image processing, every turn's prefill
+and decode, the env steps and observation encoding, and the reward. Caches start cold every repeat:
+new diagrams (a seed offset per repeat), a new observation image colour, a new rollout runtime (its
+image cache); a warm-up rollout of the same size with 2 tokens a turn comes first.
+
+    python bench/engine_rollout.py --model tiny-qwen2.5-vl --episodes 8 --tokens-per-turn 32
+    python bench/engine_rollout.py --random-init-shape qwen2.5-vl-3b --device cuda --dtype bfloat16 \\
+        --episodes 64 --turns 3 --tokens-per-turn 256 --decode static
+
+Prints a markdown table and appends the run to bench/results/engine_rollout-<host>-<date>.json
+(command, machine and card, versions, git commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+# Runnable from a plain checkout (e.g. a GPU machine where the package is not installed).
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+
+from bench.engine_throughput import (  # noqa: E402
+    SHAPES,
+    bench_policy,
+    diagram,
+    engine_options,
+    git_commit,
+    machine,
+    write_report,
+)
+from trainer.config import TrainConfig  # noqa: E402
+
+FEEDBACK_ENV = HERE.parent / "tests" / "rollout" / "envs_for_tests.py"
+PROBLEM = "<image>Find x in the figure. Reason step by step, then call calc_score with your answer."
+# Room in the episode's budget for each turn's observation (text, or a small image and text).
+OBSERVATION_TOKENS = 512
+
+
+def plugin_yaml(directory: Path) -> Path:
+    """The plugin settings of the benchmark: the feedback env; turns, per-turn cap and env kwargs
+    come from the run's TrainConfig."""
+    path = directory / "engine_rollout.yaml"
+    path.write_text(f"rollout_interaction_env_path: {FEEDBACK_ENV}\n")
+    return path
+
+
+def env_kwargs(observation_image: bool, repeat: int) -> dict:
+    """Text feedback, or an image (of a new colour every repeat, so no cache holds it) and text."""
+    if not observation_image:
+        return {"kind": "text"}
+    return {"kind": "image", "colour": f"#{(repeat * 2_654_435_761 + 0x3C6EF3) & 0xFFFFFF:06x}"}
+
+
+def rollout_config(args: argparse.Namespace, plugin: Path, tokens_per_turn: int, repeat: int) -> TrainConfig:
+    return TrainConfig.from_dict(
+        dict(
+            custom_config_path=str(plugin),
+            # Every episode is a prompt of its own (episode_samples); GRPO's grouping, which the
+            # config validates, does not enter a rollout.
+            rollout_batch_size=args.episodes,
+            n_samples_per_prompt=2,
+            rollout_temperature=1.0,
+            max_turns=args.turns,
+            max_tokens_per_turn=tokens_per_turn,
+            # The episode's budget never ends an episode before its last turn.
+            rollout_max_response_len=args.turns * (tokens_per_turn + OBSERVATION_TOKENS),
+            env_kwargs=env_kwargs(args.observation_image, repeat),
+            engine_max_batch_size=args.max_batch_size or args.episodes,
+            seed=args.seed + repeat,
+            progress=False,
+        )
+    )
+
+
+def episode_samples(settings, tokenizer, images: list) -> list:
+    """One fresh sample per image, its prompt built as the trainer builds prompts (the chat
+    template, the env module's prompt hook and tools)."""
+    from rollout.prompts import build_sample, prompt_context
+
+    env_module, tools = prompt_context(settings)
+    return [
+        build_sample(
+            PROBLEM, [image], "0", tokenizer, index=i, group_index=i, tools=tools, env_module=env_module
+        )
+        for i, image in enumerate(images)
+    ]
+
+
+def run_once(
+    policy, engine, args: argparse.Namespace, plugin: Path, tokens_per_turn: int, repeat: int
+) -> dict:
+    """One rollout of ``args.episodes`` episodes, timed end to end, on a fresh rollout runtime."""
+    from rollout.runtime import RolloutRuntime
+    from trainer.rollouts import TurnSeededEngine, rollout_args, run_rollout
+
+    cfg = rollout_config(args, plugin, tokens_per_turn, repeat)
+    settings = rollout_args(cfg, TurnSeededEngine(engine), str(policy.path))
+    runtime = RolloutRuntime()  # its image cache starts empty
+    first_image = (repeat + 1) * 1_000_000  # new diagrams every repeat
+    before = dict(engine.stats)
+    try:
+        started = time.perf_counter()
+        images = [diagram(first_image + i) for i in range(args.episodes)]
+        samples = episode_samples(settings, policy.tokenizer, images)
+        asyncio.run(run_rollout(settings, samples, cfg, repeat, runtime))
+        seconds = time.perf_counter() - started
+    finally:
+        runtime.shutdown()
+    turns = [len(s.metadata.get("turns", [])) for s in samples]
+    model_tokens = [sum(t["model_tokens"] for t in s.metadata.get("turns", [])) for s in samples]
+    statuses: dict[str, int] = {}
+    for sample in samples:
+        name = getattr(sample.status, "name", str(sample.status))
+        statuses[name] = statuses.get(name, 0) + 1
+    generated = sum(model_tokens)
+    return {
+        "repeat": repeat,
+        "episodes": len(samples),
+        "tokens_per_turn_cap": tokens_per_turn,
+        "seconds": round(seconds, 3),
+        "generated_tokens": generated,
+        "tokens_per_s": round(generated / seconds, 1),
+        "turns_per_episode": turns,
+        "turns_mean": round(statistics.mean(turns), 2),
+        "generated_tokens_per_episode_mean": round(statistics.mean(model_tokens), 1),
+        "statuses": statuses,
+        "engine_stats": stats_delta(before, engine.stats),
+    }
+
+
+def stats_delta(before: dict, after: dict) -> dict:
+    """The engine's stats over one rollout: counters as differences, maxima (``max_*``) and
+    anything that is not a number as they stand after it."""
+    delta = {}
+    for key, value in after.items():
+        counter = (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and not key.startswith("max_")
+        )
+        delta[key] = value - before.get(key, 0) if counter else value
+    return delta
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| repeat | episodes | turns / episode | generated tokens | wall s | tok/s end to end | engine batches | max rows |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        stats = r["engine_stats"]
+        lines.append(
+            f"| {r['repeat']} | {r['episodes']} | {r['turns_mean']:.2f} | {r['generated_tokens']:,} | "
+            f"{r['seconds']:.2f} | {r['tokens_per_s']:,.1f} | {stats.get('batches', '-')} | "
+            f"{stats.get('max_batch_rows', '-')} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="tiny-qwen2.5-vl", help="a preset name or a checkpoint directory")
+    parser.add_argument(
+        "--random-init-shape", choices=sorted(SHAPES), default=None, help="random weights of this shape"
+    )
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--decode",
+        choices=["eager", "static", "auto"],
+        default=None,
+        help="the engine's decode path (default: its own)",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=None, help="engine batch rows (default: --episodes)"
+    )
+    parser.add_argument("--episodes", type=int, default=64)
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--tokens-per-turn", type=int, default=256)
+    parser.add_argument(
+        "--observation-image",
+        action="store_true",
+        help="each observation carries a small image besides its text",
+    )
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", type=Path, default=HERE / "results")
+    args = parser.parse_args(argv)
+    for name in ("episodes", "turns", "tokens_per_turn", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_batch_size is not None and args.max_batch_size < 1:
+        parser.error(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from models.loader import default_dtype
+    from rollout.engines.local import LocalEngine
+
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    policy, model_name = bench_policy(args.model, args.random_init_shape, device, dtype)
+    max_batch_size = args.max_batch_size or args.episodes
+    engine = LocalEngine(policy, max_batch_size=max_batch_size, seed=args.seed, **engine_options(args.decode))
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        plugin = plugin_yaml(Path(directory))
+        try:
+            # Warm-up, with seeds and images of its own (those of the repeat after the last).
+            run_once(policy, engine, args, plugin, tokens_per_turn=2, repeat=args.repeats)
+            for repeat in range(args.repeats):
+                rows.append(run_once(policy, engine, args, plugin, args.tokens_per_turn, repeat))
+                print(
+                    f"repeat {repeat}: {rows[-1]['generated_tokens']} tokens in {rows[-1]['seconds']:.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        finally:
+            asyncio.run(engine.aclose())
+    report = {
+        "benchmark": "engine_rollout",
+        "date": date.today().isoformat(),
+        "command": " ".join(
+            ["python", "bench/engine_rollout.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "git_commit": git_commit(),
+        "model": model_name,
+        "parameters": sum(p.numel() for p in policy.model.parameters()),
+        "dtype": str(dtype).removeprefix("torch."),
+        "decode": args.decode,
+        "max_batch_size": max_batch_size,
+        "episodes": args.episodes,
+        "turns": args.turns,
+        "tokens_per_turn": args.tokens_per_turn,
+        "observation": "image and text" if args.observation_image else "text",
+        "machine": machine(device),
+        "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in rows),
+        "results": rows,
+    }
+    decode = f", decode {args.decode}" if args.decode else ""
+    print(
+        f"\n{model_name} ({report['dtype']}{decode}) on {device}: {args.episodes} episodes x {args.turns} turns, "
+        f"<= {args.tokens_per_turn} tokens a turn, {report['observation']} observations\n"
+    )
+    print(markdown(rows))
+    out = write_report(args.output_dir, "engine_rollout", report)
+    print(f"\nwrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

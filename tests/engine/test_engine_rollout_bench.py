@@ -1,0 +1,59 @@
+"""bench/engine_rollout.py: a whole rollout through the trainer's rollout code on a tiny model, every
+episode running all of its turns (the GPU numbers themselves are measured elsewhere)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "engine_rollout.py"
+
+
+def _bench_module():
+    # bench/ is a folder of scripts, not a package; load the script as a module (once).
+    if "engine_rollout" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("engine_rollout", BENCH)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["engine_rollout"]
+
+
+def test_every_episode_runs_three_turns_and_the_run_is_written(tmp_path, capsys):
+    bench = _bench_module()
+    argv = ["--model", "tiny-qwen2.5-vl", "--episodes", "4", "--turns", "3", "--tokens-per-turn", "4"]
+    report = bench.main([*argv, "--device", "cpu", "--output-dir", str(tmp_path)])
+    [row] = report["results"]
+    assert row["turns_per_episode"] == [3, 3, 3, 3]
+    assert row["statuses"] == {"COMPLETED": 4}
+    # A turn ends at the cap or at the model's own end of turn: at most 4 tokens each.
+    assert 12 <= row["generated_tokens"] <= 4 * 3 * 4
+    assert row["tokens_per_s"] > 0
+    stats = row["engine_stats"]
+    assert stats["requests"] == 12  # the warm-up's requests are not counted
+    assert stats["max_batch_rows"] <= 4
+    assert report["observation"] == "text" and report["decode"] is None
+    assert "| repeat | episodes | turns / episode | generated tokens | wall s | tok/s end to end |" in (
+        capsys.readouterr().out
+    )
+    [written] = tmp_path.glob("engine_rollout-*.json")
+    assert json.loads(written.read_text())["runs"][0]["results"][0]["turns_per_episode"] == [3, 3, 3, 3]
+
+
+def test_image_observations_change_colour_every_repeat():
+    bench = _bench_module()
+    assert bench.env_kwargs(False, 0) == {"kind": "text"}
+    colours = {bench.env_kwargs(True, repeat)["colour"] for repeat in range(4)}
+    assert len(colours) == 4 and all(c.startswith("#") and len(c) == 7 for c in colours)
+
+
+def test_image_observations_run_through_the_rollout(tmp_path):
+    bench = _bench_module()
+    argv = ["--model", "tiny-qwen2.5-vl-small-vocab", "--episodes", "2", "--tokens-per-turn", "3"]
+    report = bench.main(
+        [*argv, "--observation-image", "--repeats", "2", "--device", "cpu", "--output-dir", str(tmp_path)]
+    )
+    assert [r["turns_per_episode"] for r in report["results"]] == [[3, 3], [3, 3]]
+    assert report["observation"] == "image and text"
