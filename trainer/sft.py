@@ -64,16 +64,24 @@ class TranscriptError(ValueError):
 
 def answer_tool(env_module: Any) -> str:
     """The name of the tool the transcripts call: the one tool in the env module's ``TOOLS`` whose
-    parameters include ``answer`` (the argument a transcript fills with the row's label)."""
-    tools = getattr(env_module, "TOOLS", None) or []
-    functions = [tool.get("function", tool) for tool in tools if isinstance(tool, dict)]
+    parameters include ``answer`` (the argument a transcript fills with the row's label). A module
+    without ``TOOLS`` (an env written for slime's geo3k example, which parses calls from the text
+    its own way) gets the default env's answer tool; each transcript is then checked for having
+    played as scripted, like any other."""
+    if not getattr(env_module, "TOOLS", None):
+        return _default_answer_tool()
+    return _declared_answer_tool(env_module)
+
+
+def _declared_answer_tool(env_module: Any) -> str:
+    functions = [tool.get("function", tool) for tool in env_module.TOOLS if isinstance(tool, dict)]
     names = [
         str(function.get("name"))
         for function in functions
         if "answer" in ((function.get("parameters") or {}).get("properties") or {})
     ]
     if len(names) != 1:
-        declared = ", ".join(str(function.get("name")) for function in functions) or "none"
+        declared = ", ".join(str(function.get("name")) for function in functions)
         raise TranscriptError(
             f"the SFT warm-start calls the env's answer tool, the one tool in TOOLS with an 'answer' "
             f"argument; {env_module.__name__} has {len(names)} such tool(s) (its TOOLS: {declared}). "
@@ -86,7 +94,7 @@ def _default_answer_tool() -> str:
     """The answer tool of the env that a plugin YAML without ``rollout_interaction_env_path`` gets."""
     from rollout.config import RolloutConfig
 
-    return answer_tool(load_env_module(RolloutConfig().rollout_interaction_env_path))
+    return _declared_answer_tool(load_env_module(RolloutConfig().rollout_interaction_env_path))
 
 
 def tool_call_turn(answer: str, form: str = "json", tool: str | None = None) -> str:

@@ -254,7 +254,7 @@ def test_sft_calls_the_answer_tool_of_the_configured_env_on_its_rows(tmp_path):
         assert len(transcript.images) == 1
 
 
-def test_sft_refuses_an_env_without_exactly_one_answer_tool(tmp_path):
+def test_sft_refuses_an_env_whose_tools_have_no_single_answer_tool(tmp_path):
     env_file = tmp_path / "no_answer_env.py"
     env_file.write_text(
         "TOOLS = [{'type': 'function', 'function': {'name': 'look', 'parameters': {'type': 'object', "
@@ -262,6 +262,8 @@ def test_sft_refuses_an_env_without_exactly_one_answer_tool(tmp_path):
     )
     with pytest.raises(TranscriptError, match=r"has 0 such tool\(s\) \(its TOOLS: look\)"):
         answer_tool(load_env_module(str(env_file)))
+    # An env without TOOLS parses calls its own way: it gets the default env's answer tool.
+    assert answer_tool(load_env_module(str(LEARNABLE_ENV))) == "calc_score"
 
 
 def test_slime_preflight_checks_the_data_in_the_format_of_the_configured_env(learnable_task, tmp_path):
