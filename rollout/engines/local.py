@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from difflib import get_close_matches
 from typing import Any
 
+import numpy as np
 import torch
 
 from envs.images import ImageLoadError, load_image
@@ -61,10 +62,20 @@ from rollout.engines.base import (
     GenerateResult,
     ImageInput,
 )
+from rollout.engines.sampling import counter_uniforms, processed_log_probs, sample_tokens
+from rollout.engines.static_decode import (
+    FINISHED_LENGTH,
+    FINISHED_NONFINITE,
+    FINISHED_STOP_ID,
+    SlotDecoder,
+    SlotRequest,
+    unsupported_reason,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default when a request gives none
+DEFAULT_SLOT_LEN = 8192  # static decoding: tokens (prompt + generated) one request may hold
 
 # Sampling parameters SGLang accepts that this engine implements.
 _SUPPORTED_PARAMS = (
@@ -226,6 +237,7 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     log_probs: list[float] = field(default_factory=list)
     finish: Finish | None = None
+    prompt_len: int = 0  # static decoding: the prompt's tokens in the row's cache slot
 
 
 def _derive_seed(*parts: Any) -> int:
@@ -265,6 +277,11 @@ class LocalEngine:
         seed: int = 0,
         device: str | torch.device | None = None,
         default_max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        decode: str = "auto",
+        max_seq_len: int | None = None,
+        cuda_graphs: bool | None = None,
+        prefill_tokens: int = 32768,
+        steps_per_sync: int = 4,
     ) -> None:
         if policy.model is None:
             raise ValueError("LocalEngine needs a policy with a model; load it with models.load_policy(...)")
@@ -306,7 +323,44 @@ class LocalEngine:
         self._pending: set[_Request] = set()
         self._preparing = 0  # requests whose images are being processed, not yet queued
         self._closed = False
-        self.stats = {"batches": 0, "requests": 0, "max_batch_rows": 0}
+        self.stats = {
+            "batches": 0,
+            "requests": 0,
+            "max_batch_rows": 0,
+            "decode_steps": 0,
+            "prefills": 0,
+            "prefill_seconds": 0.0,
+            "decode_seconds": 0.0,
+            "eager_fallbacks": 0,
+        }
+        self.decode = self._resolve_decode(decode)
+        self.max_seq_len = min(max_seq_len or min(self.max_context, DEFAULT_SLOT_LEN), self.max_context)
+        if self.max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens}")
+        self.prefill_tokens = prefill_tokens
+        if steps_per_sync < 1:
+            raise ValueError(f"steps_per_sync must be >= 1, got {steps_per_sync}")
+        self.steps_per_sync = steps_per_sync
+        self._abort_epoch = self._seen_abort_epoch = 0
+        self._decoder: SlotDecoder | None = None
+        self._fallback_warned = False
+
+    def _resolve_decode(self, decode: str) -> str:
+        if decode not in ("auto", "eager", "static"):
+            raise ValueError(f"decode must be 'auto', 'eager' or 'static', got {decode!r}")
+        reason = unsupported_reason(self.model)
+        if decode == "static" and reason is not None:
+            raise ValueError(f"decode='static' is not available for this model: {reason}; use decode='eager'")
+        if decode == "auto":
+            # The static decoder pays off where kernel launches dominate (a GPU); on a CPU the eager
+            # loop is as fast and is the path the fidelity tests pin down.
+            return "static" if reason is None and self.device.type == "cuda" else "eager"
+        return decode
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -379,6 +433,7 @@ class LocalEngine:
             if rid is None or request.rid == rid:
                 request.abort_message = message
                 count += 1
+        self._abort_epoch += 1
         return count
 
     async def aclose(self) -> None:
@@ -502,6 +557,7 @@ class LocalEngine:
         self._pending.discard(request)
         if future.cancelled() and request.abort_message is None:
             request.abort_message = "the caller cancelled the request"
+            self._abort_epoch += 1
 
     async def _schedule(self, waiting: deque[_Request], arrived: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -521,6 +577,11 @@ class LocalEngine:
                     await asyncio.wait_for(arrived.wait(), remaining if remaining > 0 else None)
                 except TimeoutError:
                     continue
+            if self.decode == "static":
+                # Serves until no request is running or waiting; requests that arrive meanwhile
+                # join the running batch between steps.
+                await loop.run_in_executor(self._executor, self._serve_static, waiting, loop)
+                continue
             batch = [waiting.popleft() for _ in range(min(self.max_batch_size, len(waiting)))]
             live = [r for r in batch if r.future is not None and not r.future.done()]
             if not live:
@@ -553,42 +614,253 @@ class LocalEngine:
                 self.model.train()
         return [self._result(row) for row in rows]
 
-    def _decode(self, rows: list[_Row]) -> None:
+    # ----------------------------------------------------------------------------------------
+    # Static decoding with continuous batching (worker thread)
+
+    def _serve_static(self, waiting: deque[_Request], loop: asyncio.AbstractEventLoop) -> None:
+        if self._decoder is None:
+            self._decoder = SlotDecoder(
+                self.model, slots=self.max_batch_size, slot_len=self.max_seq_len, use_graphs=self.cuda_graphs
+            )
+            logger.info(
+                "local engine: static decoding with %d slots of %d tokens (KV cache %.2f GiB), CUDA graphs %s",
+                self.max_batch_size,
+                self.max_seq_len,
+                self._decoder.kv_bytes() / 2**30,
+                "on" if self.cuda_graphs else "off",
+            )
+        decoder = self._decoder
+        decoder.refresh_if_weights_moved()
+        slots: list[_Row | None] = [None] * decoder.slots
+        prompt_lens = np.zeros(decoder.slots, dtype=np.int64)
+        counts = np.zeros(decoder.slots, dtype=np.int64)
+        watched = np.zeros(
+            decoder.slots, dtype=bool
+        )  # rows with stop strings: their tokens are read each sync
+        steps = self.steps_per_sync
+
+        def deliver(row: _Row) -> None:
+            result = self._result(row)
+            future = row.request.future
+            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                while True:
+                    for slot, row in self._admit(waiting, slots, deliver):
+                        slots[slot] = row
+                        prompt_lens[slot], counts[slot] = row.prompt_len, 0
+                        watched[slot] = bool(row.request.params.stop)
+                    occupied = np.flatnonzero([row is not None for row in slots])
+                    if not len(occupied):
+                        return
+                    rows = next(b for b in decoder.batch_buckets if b > occupied[-1])
+                    # Every write of the next `steps` steps must land inside the bucket.
+                    needed = int((prompt_lens + counts)[occupied].max()) + steps
+                    length = next(n for n in decoder.length_buckets if n >= min(needed, decoder.slot_len))
+                    filtering = any(
+                        row is not None and (row.request.params.top_k > 0 or row.request.params.top_p < 1)
+                        for row in slots[:rows]
+                    )
+                    started = time.perf_counter()
+                    for _ in range(steps):
+                        decoder.step(rows, length, filtering)
+                    state = decoder.state(rows, steps).numpy()
+                    self._add_time("decode_seconds", started)
+                    self.stats["decode_steps"] += steps
+                    self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(occupied))
+                    done, new_counts, codes, recent = state[:, 0], state[:, 1], state[:, 2], state[:, 3:]
+                    aborted = self._abort_epoch != self._seen_abort_epoch
+                    self._seen_abort_epoch = self._abort_epoch
+                    finished: list[tuple[int, Finish, int]] = []
+                    for i in occupied:
+                        if not (done[i] or watched[i] or aborted):
+                            continue
+                        row = slots[i]
+                        grew = int(new_counts[i] - counts[i])
+                        if watched[i] and grew:
+                            row.tokens.extend(recent[i, steps - grew :].tolist())
+                        finish, length_at = self._slot_finish(
+                            row, bool(done[i]), int(codes[i]), int(new_counts[i]), grew
+                        )
+                        if finish is not None:
+                            finished.append((i, finish, length_at))
+                    counts[:rows] = new_counts
+                    if finished:
+                        outputs = decoder.outputs([i for i, _, _ in finished], [n for _, _, n in finished])
+                        for (i, finish, _), (tokens, log_probs) in zip(finished, outputs, strict=True):
+                            if not done[i]:
+                                decoder.mark_done(i)
+                            if finish.reason == FINISH_STOP and finish.matched is None:
+                                finish = Finish(FINISH_STOP, matched=tokens[-1])
+                            row = slots[i]
+                            row.tokens, row.log_probs, row.finish = tokens, log_probs, finish
+                            deliver(row)
+                            slots[i] = None
+                            watched[i] = False
+        except Exception as exc:
+            logger.exception("local engine: static decoding failed")
+            live = [i for i, row in enumerate(slots) if row is not None]
+            outputs = [([], [])] * len(live)
+            with contextlib.suppress(Exception):  # keep the tokens sampled so far, if they can be read
+                outputs = decoder.outputs(live, decoder.count[live].tolist())
+            self._decoder = None  # rebuilt on the next call, in case its state is what failed
+            for i, (tokens, log_probs) in zip(live, outputs, strict=True):
+                row = slots[i]
+                row.tokens, row.log_probs = tokens, log_probs
+                row.finish = Finish(FINISH_ABORT, message=f"engine error: {type(exc).__name__}: {exc}")
+                deliver(row)
+        finally:
+            if was_training:
+                self.model.train()
+
+    def _slot_finish(
+        self, row: _Row, done: bool, code: int, count: int, grew: int
+    ) -> tuple[Finish | None, int]:
+        """How a slot finished, if it did, and its token count then.
+
+        The device decides length, stop ids, EOS and non-finite log-probs at the token they happen;
+        stop strings are checked here, token by token over what the last steps added (the device
+        may have run a slot a few tokens past a stop string: those tokens are dropped, and they
+        changed nothing for other slots). SGLang's order holds for each token: length, then stop
+        ids, then stop strings."""
+        params = row.request.params
+        if params.stop and grew:
+            first = len(row.tokens) - grew
+            for end in range(first + 1, len(row.tokens) + 1):
+                if done and end == count and code in (FINISHED_LENGTH, FINISHED_STOP_ID):
+                    break  # the device's reason comes first for this token
+                finish = self._stop_string_finish(row, end)
+                if finish is not None:
+                    del row.tokens[end:]
+                    return finish, end
+        if done:
+            if code == FINISHED_LENGTH:
+                return Finish(FINISH_LENGTH, length=row.request.max_new_tokens), count
+            if code == FINISHED_STOP_ID:
+                return Finish(FINISH_STOP), count  # the matched id is the last token, read back with the rest
+            if code == FINISHED_NONFINITE:
+                return Finish(FINISH_ABORT, message="the model produced non-finite logits"), count
+            return Finish(FINISH_ABORT, message="the slot ended without a reason"), count  # a bug if seen
+        if row.request.abort_message is not None:
+            return Finish(FINISH_ABORT, message=row.request.abort_message), count
+        return None, count
+
+    def _admit(self, waiting: deque[_Request], slots: list[_Row | None], deliver) -> list[tuple[int, _Row]]:
+        """Prefill waiting requests into free slots; requests a slot cannot hold run eagerly."""
+        free = [i for i, row in enumerate(slots) if row is None]
+        admitted: list[_Request] = []
+        oversized: list[_Request] = []
+        while waiting and len(admitted) < len(free):
+            request = waiting.popleft()
+            if request.future is None or request.future.done():
+                continue
+            if request.abort_message is not None:
+                deliver(_Row(request, finish=Finish(FINISH_ABORT, message=request.abort_message)))
+                continue
+            if self._decoder.fits(
+                len(request.input_ids), request.max_new_tokens, len(self._stop_ids(request))
+            ):
+                admitted.append(request)
+            else:
+                oversized.append(request)
+        placed: list[tuple[int, _Row]] = []
+        chunk: list[_Request] = []
+        for request in admitted:
+            width = max([len(request.input_ids)] + [len(r.input_ids) for r in chunk])
+            if chunk and width * (len(chunk) + 1) > self.prefill_tokens:
+                placed += self._prefill_into_slots(chunk, free)
+                chunk = []
+            chunk.append(request)
+        if chunk:
+            placed += self._prefill_into_slots(chunk, free)
+        if oversized:
+            if not self._fallback_warned:
+                self._fallback_warned = True
+                logger.warning(
+                    "local engine: a request needs more than a static slot's %d tokens (prompt + max_new_tokens + 1) "
+                    "or has too many stop ids; it runs in the eager loop (raise max_seq_len to avoid this)",
+                    self._decoder.slot_len,
+                )
+            self.stats["eager_fallbacks"] += len(oversized)
+            for request, result in zip(oversized, self._run_batch(oversized), strict=True):
+                future = request.future
+                future.get_loop().call_soon_threadsafe(lambda f=future, r=result: f.done() or f.set_result(r))
+        return placed
+
+    def _prefill_into_slots(self, requests: list[_Request], free: list[int]) -> list[tuple[int, _Row]]:
+        started = time.perf_counter()
+        logits, cache, _, lengths, next_position = self._prefill(requests)
+        targets = [free.pop(0) for _ in requests]
+        positions = next_position.tolist()
+        self._decoder.load(
+            targets,
+            [
+                SlotRequest(
+                    next_position=positions[j],
+                    temperature=request.params.temperature,
+                    top_k=request.params.top_k,
+                    top_p=request.params.top_p,
+                    seed=request.seed,
+                    max_new_tokens=request.max_new_tokens,
+                    stop_ids=self._stop_ids(request),
+                )
+                for j, request in enumerate(requests)
+            ],
+            logits,
+            cache,
+            lengths,
+        )
+        self._synchronize()
+        self.stats["batches"] += 1
+        self.stats["prefills"] += 1
+        self.stats["requests"] += len(requests)
+        self._add_time("prefill_seconds", started)
+        placed = []
+        for slot, request, length in zip(targets, requests, lengths, strict=True):
+            row = _Row(request)
+            row.prompt_len = length
+            placed.append((slot, row))
+        return placed
+
+    def _synchronize(self) -> None:
+        # Timings split prefill from decode; without this, queued GPU work lands in the next timer.
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _stop_ids(self, request: _Request) -> tuple[int, ...]:
+        # As in SGLang (and the eager loop), ignore_eos also disables stop_token_ids.
+        if request.params.ignore_eos:
+            return ()
+        return tuple(dict.fromkeys([*request.params.stop_token_ids, *sorted(self.eos_token_ids)]))
+
+    def _prefill(self, requests: list[_Request]):
+        """The prompts as one left-padded batch: (last logits, cache, prompt lengths, next positions).
+
+        Multimodal RoPE positions come from the model's own rule (3 x batch x width); each row's
+        next text position is its largest prompt position + 1, and grows by one per token.
+        """
         device = self.device
-        batch = len(rows)
-        lengths = [len(row.request.input_ids) for row in rows]
+        batch = len(requests)
+        lengths = [len(request.input_ids) for request in requests]
         width = max(lengths)
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         attention = torch.zeros((batch, width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - lengths[i] :] = torch.tensor(row.request.input_ids)
+        for i, request in enumerate(requests):
+            input_ids[i, width - lengths[i] :] = torch.tensor(request.input_ids)
             attention[i, width - lengths[i] :] = 1
-        pixel_values = [r.request.pixel_values for r in rows if r.request.pixel_values is not None]
-        grids = [r.request.image_grid_thw for r in rows if r.request.image_grid_thw is not None]
+        pixel_values = [r.pixel_values for r in requests if r.pixel_values is not None]
+        grids = [r.image_grid_thw for r in requests if r.image_grid_thw is not None]
         pixel_values_t = torch.cat(pixel_values).to(device) if pixel_values else None
         grid_t = torch.cat(grids).to(device) if grids else None
         input_ids, attention = input_ids.to(device), attention.to(device)
         token_types = mm_token_type_ids(input_ids, self.model.config) * attention
-
-        # Prompt positions from the model's own rule (3 x batch x width); each row's next text
-        # position is its largest prompt position + 1, and grows by one per generated token.
         positions, deltas = self.model.model.get_rope_index(
             input_ids, mm_token_type_ids=token_types, image_grid_thw=grid_t, attention_mask=attention
         )
         next_position = deltas.view(-1).to(device) + torch.tensor(lengths, device=device)
-
-        temperatures = torch.tensor([r.request.params.temperature for r in rows], device=device)
-        greedy_rows = [r.request.params.greedy for r in rows]
-        temperatures = torch.where(temperatures == 0, torch.ones_like(temperatures), temperatures)
-        top_k = torch.tensor([r.request.params.top_k for r in rows], device=device)
-        top_p = torch.tensor([r.request.params.top_p for r in rows], device=device)
-        filtering = bool(((top_k > 0) | (top_p < 1)).any())
-        generators = []
-        for row in rows:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(row.request.seed)
-            generators.append(generator)
-
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention,
@@ -599,12 +871,28 @@ class LocalEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        cache = outputs.past_key_values
-        logits = outputs.logits[:, -1, :]
+        return outputs.logits[:, -1, :], outputs.past_key_values, attention, lengths, next_position
+
+    def _decode(self, rows: list[_Row]) -> None:
+        """The eager loop: one ``model(...)`` call per generated token for the whole batch."""
+        device = self.device
+        batch = len(rows)
+        started = time.perf_counter()
+        logits, cache, attention, _, next_position = self._prefill([row.request for row in rows])
+        self._add_time("prefill_seconds", started)
+        started = time.perf_counter()
+        temperatures = torch.tensor([r.request.params.temperature for r in rows], device=device)
+        greedy = temperatures == 0
+        temperatures = torch.where(greedy, torch.ones_like(temperatures), temperatures)
+        top_k = torch.tensor([r.request.params.top_k for r in rows], device=device)
+        top_p = torch.tensor([r.request.params.top_p for r in rows], device=device)
+        filtering = bool(((top_k > 0) | (top_p < 1)).any())
+        seeds = torch.tensor([r.request.seed for r in rows], dtype=torch.long, device=device)
+        counts = torch.zeros(batch, dtype=torch.long, device=device)
         steps = max(row.request.max_new_tokens for row in rows)
         for step in range(steps):
-            log_probs = _processed_log_probs(logits.float(), temperatures, top_k, top_p, filtering)
-            next_tokens = self._sample(log_probs, greedy_rows, generators, rows)
+            log_probs = processed_log_probs(logits.float(), temperatures, top_k, top_p, filtering)
+            next_tokens = sample_tokens(log_probs, counter_uniforms(seeds, counts), greedy)
             chosen = log_probs.gather(-1, next_tokens.unsqueeze(-1)).squeeze(-1)
             finite = torch.isfinite(chosen)
             token_list, logp_list, finite_list = next_tokens.tolist(), chosen.tolist(), finite.tolist()
@@ -620,6 +908,8 @@ class LocalEngine:
                 row.tokens.append(token_list[i])
                 row.log_probs.append(logp_list[i])
                 row.finish = self._check_finished(row)
+            counts = torch.tensor([len(row.tokens) for row in rows], dtype=torch.long, device=device)
+            self.stats["decode_steps"] += 1
             if all(row.finish is not None for row in rows) or step == steps - 1:
                 break
             attention = torch.cat([attention, attention.new_ones((batch, 1))], dim=1)
@@ -633,34 +923,14 @@ class LocalEngine:
             )
             cache = outputs.past_key_values
             logits = outputs.logits[:, -1, :]
+        self._add_time("decode_seconds", started)
         for row in rows:
             if row.finish is None:
                 # Only reachable if a row's budget was larger than the loop ran, which would be a bug.
                 row.finish = Finish(FINISH_LENGTH, length=len(row.tokens))
 
-    def _sample(
-        self, log_probs: torch.Tensor, greedy: list[bool], generators: list[torch.Generator], rows: list[_Row]
-    ) -> torch.Tensor:
-        # Inverse-CDF sampling with one uniform per row and step, drawn from the row's own
-        # generator: a row's samples do not depend on the other rows of the batch, and a step costs
-        # one random number per row rather than one per vocabulary entry. The CDF is accumulated in
-        # float64 so that rounding over a 150k vocabulary does not shift probability mass.
-        device = log_probs.device
-        uniforms = [
-            torch.zeros(1, dtype=torch.float64, device=device)
-            if greedy[i] or row.finish is not None
-            else torch.rand(1, dtype=torch.float64, device=device, generator=generators[i])
-            for i, row in enumerate(rows)
-        ]
-        cdf = log_probs.exp().to(torch.float64).cumsum_(dim=-1)
-        targets = torch.cat(uniforms) * cdf[:, -1]
-        # right=True picks the first entry whose CDF exceeds the target: never a zero-probability token.
-        sampled = torch.searchsorted(cdf, targets.unsqueeze(-1), right=True).squeeze(-1)
-        sampled.clamp_(max=log_probs.shape[-1] - 1)
-        if any(greedy):
-            greedy_rows = torch.tensor(greedy, device=device)
-            sampled = torch.where(greedy_rows, log_probs.argmax(dim=-1), sampled)
-        return sampled
+    def _add_time(self, key: str, started: float) -> None:
+        self.stats[key] += time.perf_counter() - started
 
     def _check_finished(self, row: _Row) -> Finish | None:
         params = row.request.params
@@ -670,13 +940,20 @@ class LocalEngine:
         if not params.ignore_eos and (last in params.stop_token_ids or last in self.eos_token_ids):
             return Finish(FINISH_STOP, matched=last)
         if params.stop:
-            # Decode only a tail long enough to hold any stop string (a character can take up to
-            # four byte-level tokens), with special tokens kept so that stops can name them.
-            window = 4 * max(len(s) for s in params.stop) + 1
-            tail = self.tokenizer.decode(row.tokens[-window:], skip_special_tokens=False)
-            for stop in params.stop:
-                if stop in tail:
-                    return Finish(FINISH_STOP, matched=stop)
+            return self._stop_string_finish(row)
+        return None
+
+    def _stop_string_finish(self, row: _Row, end: int | None = None) -> Finish | None:
+        """A stop string in the tokens up to ``end`` (all of them by default)."""
+        # Decode only a tail long enough to hold any stop string (a character can take up to
+        # four byte-level tokens), with special tokens kept so that stops can name them.
+        stops = row.request.params.stop
+        end = len(row.tokens) if end is None else end
+        window = 4 * max(len(s) for s in stops) + 1
+        tail = self.tokenizer.decode(row.tokens[max(0, end - window) : end], skip_special_tokens=False)
+        for stop in stops:
+            if stop in tail:
+                return Finish(FINISH_STOP, matched=stop)
         return None
 
     def _result(self, row: _Row) -> GenerateResult:
@@ -708,28 +985,3 @@ class LocalEngine:
             matched_stop=finish.matched if finish.reason == FINISH_STOP else None,
             meta_info=meta_info,
         )
-
-
-def _processed_log_probs(
-    logits: torch.Tensor,
-    temperatures: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    filtering: bool,
-) -> torch.Tensor:
-    """log_softmax of the scores after temperature, top-k and top-p, each row with its own values."""
-    scaled = logits / temperatures.unsqueeze(-1)
-    if filtering:
-        vocab = scaled.shape[-1]
-        sorted_scores, order = scaled.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=scaled.device).unsqueeze(0)
-        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-        remove = ranks >= k.unsqueeze(-1)
-        probs = sorted_scores.masked_fill(remove, -math.inf).softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        # Rows with top_p == 1 keep everything: rounding can push the cumulative mass above 1.
-        threshold = torch.where(top_p < 1, top_p, torch.full_like(top_p, math.inf))
-        remove |= mass_before > threshold.unsqueeze(-1)
-        remove[:, 0] = False
-        scaled = scaled.masked_fill(torch.zeros_like(remove).scatter(1, order, remove), -math.inf)
-    return torch.log_softmax(scaled, dim=-1)

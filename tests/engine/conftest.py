@@ -7,6 +7,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from models.logprobs import token_log_probs
+from rollout.engines import local, static_decode
 
 
 def make_image(size: int, seed: int) -> Image.Image:
@@ -56,3 +57,39 @@ def image_a() -> Image.Image:
 @pytest.fixture
 def image_b() -> Image.Image:
     return make_image(112, 3)
+
+
+@pytest.fixture(params=["eager", "static"])
+def decode_mode(request, monkeypatch) -> str:
+    """Runs a test under both decode loops: every LocalEngine it builds without an explicit
+    ``decode`` uses this one (the static loop without CUDA graphs on this CPU)."""
+    mode = request.param
+    original = local.LocalEngine.__init__
+
+    def init(self, policy, *args, decode=None, **kwargs):
+        if decode is None:
+            decode = (
+                mode if mode == "eager" or static_decode.unsupported_reason(policy.model) is None else "eager"
+            )
+        original(self, policy, *args, decode=decode, **kwargs)
+
+    monkeypatch.setattr(local.LocalEngine, "__init__", init)
+    return mode
+
+
+def patch_sampler(monkeypatch, wrapper):
+    """Route both decode loops' token sampling through ``wrapper(real_sample, *args)``; returns a
+    function that restores the real one."""
+    real = local.sample_tokens
+
+    def sample(*args):
+        return wrapper(real, *args)
+
+    for module in (local, static_decode):
+        monkeypatch.setattr(module, "sample_tokens", sample)
+
+    def restore() -> None:
+        for module in (local, static_decode):
+            monkeypatch.setattr(module, "sample_tokens", real)
+
+    return restore

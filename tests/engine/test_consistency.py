@@ -13,6 +13,8 @@ from rollout.engines.local import LocalEngine
 from rollout.sample import Sample
 from tests.engine.conftest import chat_text, expanded_inputs, single_pad_ids
 
+pytestmark = pytest.mark.usefixtures("decode_mode")
+
 OBSERVATION = (
     "<|im_end|>\n<|im_start|>user\n<tool_response>\n<|vision_start|><|image_pad|><|vision_end|>"
     "Wrong, try again.\n</tool_response><|im_end|>\n<|im_start|>assistant\n"

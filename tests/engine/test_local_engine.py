@@ -15,7 +15,16 @@ from envs.images import to_data_uri
 from models.logprobs import mm_token_type_ids
 from rollout.engines.base import EngineError
 from rollout.engines.local import LocalEngine
-from tests.engine.conftest import chat_text, expanded_inputs, make_image, single_pad_ids, teacher_forced
+from tests.engine.conftest import (
+    chat_text,
+    expanded_inputs,
+    make_image,
+    patch_sampler,
+    single_pad_ids,
+    teacher_forced,
+)
+
+pytestmark = pytest.mark.usefixtures("decode_mode")
 
 
 def full_log_probs(policy, prompt: dict, generated: list[int]) -> torch.Tensor:
@@ -110,14 +119,23 @@ async def test_batching_does_not_change_results(any_small_policy):
     # requests whose images are still being processed.
     async with LocalEngine(policy, seed=5, batch_wait_ms=0) as engine:
         batched = await asyncio.gather(*(engine.generate(*r) for r in requests))
-        assert engine.stats == {"batches": 1, "requests": 8, "max_batch_rows": 8}
+        assert (engine.stats["batches"], engine.stats["requests"], engine.stats["max_batch_rows"]) == (
+            1,
+            8,
+            8,
+        )
     async with LocalEngine(policy, seed=5) as engine:
         alone = [await engine.generate(*r) for r in requests]
-        assert engine.stats == {"batches": 8, "requests": 8, "max_batch_rows": 1}
+        assert (engine.stats["batches"], engine.stats["requests"], engine.stats["max_batch_rows"]) == (
+            8,
+            8,
+            1,
+        )
     for together, single, (_, _, params) in zip(batched, alone, requests, strict=True):
         assert len(together.token_ids) == params["max_new_tokens"]
         assert together.token_ids == single.token_ids
-        assert max(abs(a - b) for a, b in zip(together.log_probs, single.log_probs, strict=True)) <= 1e-5
+        # fp32 noise from the padded shapes; a padding leak is orders of magnitude larger.
+        assert max(abs(a - b) for a, b in zip(together.log_probs, single.log_probs, strict=True)) <= 1e-4
 
 
 async def test_greedy_follows_the_argmax_and_reports_temperature_one_log_probs(qwen25_small_policy, image_a):
@@ -361,19 +379,19 @@ async def test_bad_requests_are_refused_with_a_message(qwen25_small_policy, imag
 # --- aborts, failures, bookkeeping ----------------------------------------------------------------
 
 
-async def test_abort_and_cancel_stop_a_running_request(qwen25_small_policy):
+async def test_abort_and_cancel_stop_a_running_request(qwen25_small_policy, monkeypatch):
     policy = qwen25_small_policy
     ids = single_pad_ids(policy, chat_text(policy, "Write a long story.", images=0))
     long = {"max_new_tokens": 20_000, "ignore_eos": True}
     async with LocalEngine(policy, max_batch_size=1, batch_wait_ms=0) as engine:
         # Abort once a token has been sampled (observed, not waited for), so the result has some.
-        real_sample, sampled = engine._sample, []
+        sampled = []
 
-        def counting_sample(*args):
+        def counting_sample(real, *args):
             sampled.append(1)
-            return real_sample(*args)
+            return real(*args)
 
-        engine._sample = counting_sample
+        patch_sampler(monkeypatch, counting_sample)
         task = asyncio.create_task(engine.generate(ids, [], long, rid="story"))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 120
@@ -404,19 +422,19 @@ async def test_an_internal_error_mid_batch_aborts_its_rows(qwen25_small_policy, 
     ids = single_pad_ids(policy, chat_text(policy, "Find x.", images=0))
     params = {"max_new_tokens": 8, "ignore_eos": True}
     async with LocalEngine(policy, batch_wait_ms=500) as engine:
-        real_sample, calls = engine._sample, []
+        calls = []
 
-        def failing_sample(*args):
+        def failing_sample(real, *args):
             calls.append(1)
             if len(calls) == 3:
                 raise RuntimeError("boom")
-            return real_sample(*args)
+            return real(*args)
 
-        monkeypatch.setattr(engine, "_sample", failing_sample)
+        restore = patch_sampler(monkeypatch, failing_sample)
         first, second = await asyncio.gather(
             engine.generate(ids, [], params), engine.generate(ids, [], params)
         )
-        monkeypatch.setattr(engine, "_sample", real_sample)
+        restore()
         recovered = await engine.generate(ids, [], params)
     for result in (first, second):
         assert result.finish_reason == "abort"
@@ -471,7 +489,9 @@ async def test_generation_config_top_k_never_filters_sampling(qwen25_small_polic
         text = chat_text(policy, "Find x.")
         async with LocalEngine(policy, seed=5) as engine:
             result = await engine.generate(
-                single_pad_ids(policy, text), [image_a], {"max_new_tokens": 16, "ignore_eos": True, "top_k": -1}
+                single_pad_ids(policy, text),
+                [image_a],
+                {"max_new_tokens": 16, "ignore_eos": True, "top_k": -1},
             )
     finally:
         config.top_k, config.top_p, config.temperature = saved
