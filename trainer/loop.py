@@ -368,16 +368,23 @@ _POLICY_CAUSES = ("the model generated",)
 
 def _report_failures(samples, step: int, *, first: bool, write) -> None:
     """Failed episodes on the console, with their most common causes (episodes.jsonl has them all).
-    A first step whose episodes all failed for one cause stops the run: an env that cannot be built
-    or whose step always raises would otherwise train on reward 0 and exit as if all went well."""
+    A first step whose episodes all failed, the env's part of them (at least half) for one cause,
+    stops the run: an env that cannot be built or whose step always raises would otherwise train on
+    reward 0 and exit as if all went well. Episodes the policy ended first (it generated ids the
+    rollout refuses) never reached the env, so they neither count for nor against it."""
     causes = failure_causes(samples)
     if not causes:
         return
     write(f"step {step}: {format_failures(causes, len(samples))}")
-    (cause, count), *others = causes.most_common()
-    if first and not others and count == len(samples) and not cause.startswith(_POLICY_CAUSES):
+    env_causes = [(cause, count) for cause, count in causes.most_common() if not cause.startswith(_POLICY_CAUSES)]
+    if not first or sum(causes.values()) != len(samples) or len(env_causes) != 1:
+        return
+    cause, count = env_causes[0]
+    if 2 * count >= len(samples):
+        policy_ended = len(samples) - count
+        note = f" ({policy_ended} ended earlier on ids the policy generated)" if policy_ended else ""
         raise RolloutFailedError(
-            f"every episode of the first step failed with the same cause, so the run stops: {cause}"
+            f"every episode of the first step failed with the same cause, so the run stops: {cause}{note}"
         )
 
 

@@ -180,6 +180,10 @@ def test_a_first_step_that_failed_entirely_for_one_cause_stops_the_run():
     # The policy's own failures are not fatal: a random tiny model can fail a whole small step so.
     placeholders = [_finished("FAILED", "the model generated vision placeholder tokens") for _ in range(4)]
     _report_failures(placeholders, 0, first=True, write=lambda _: None)
+    # ...and an episode the policy ended first does not hide an env that fails all the others.
+    with pytest.raises(RolloutFailedError, match=r"so the run stops: the env could .*\(1 ended earlier"):
+        _report_failures([*samples[:3], placeholders[0]], 0, first=True, write=lambda _: None)
+    _report_failures([*samples[:1], *placeholders[:3]], 0, first=True, write=lambda _: None)  # too few to judge
 
 
 @pytest.mark.parametrize(
