@@ -44,6 +44,36 @@ RUNNING, FINISHED_LENGTH, FINISHED_STOP_ID, FINISHED_NONFINITE = 0, 1, 2, 3
 _MIN_LENGTH_BUCKET = 128
 
 
+# The elementwise parts of a decoder layer, written as transformers' Qwen modules compute them.
+# Run as they are, each is several kernels; on CUDA the decoder compiles each into one.
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def _add_rms_norm(residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    hidden = residual + delta
+    return hidden, _rms_norm(hidden, weight, eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.silu(gate) * up
+
+
 def text_model(model):
     """The decoder stack (embeddings, layers, norm, rotary) of a Qwen-VL model."""
     return model.model.language_model
@@ -96,6 +126,16 @@ def batch_buckets(slots: int) -> list[int]:
     return buckets
 
 
+def _attention_function(attention, implementation: str):
+    """The attention kernel transformers would call for this layer (its eager one by default)."""
+    import sys
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = sys.modules[type(attention).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+
+
 class _SlotCache:
     """The duck-typed ``Cache`` the decoder layers call: writes one token per slot, returns the bucket."""
 
@@ -128,7 +168,16 @@ class SlotRequest:
 class SlotDecoder:
     """Static buffers for ``slots`` requests of up to ``slot_len`` tokens each, and the step over them."""
 
-    def __init__(self, model, *, slots: int, slot_len: int, use_graphs: bool, max_stop_ids: int = 32) -> None:
+    def __init__(
+        self,
+        model,
+        *,
+        slots: int,
+        slot_len: int,
+        use_graphs: bool,
+        fuse: bool | None = None,
+        max_stop_ids: int = 32,
+    ) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"static decoding is not available: {reason}")
@@ -137,6 +186,7 @@ class SlotDecoder:
         self.lm_head = model.get_output_embeddings()
         self.slots, self.slot_len = slots, slot_len
         self.use_graphs = use_graphs
+        self.fused = False
         self.max_stop_ids = max_stop_ids
         parameter = next(model.parameters())
         device, dtype = parameter.device, parameter.dtype
@@ -170,9 +220,44 @@ class SlotDecoder:
         self._positions = torch.arange(slot_len, device=device)
         self.length_buckets = length_buckets(slot_len)
         self.batch_buckets = batch_buckets(slots)
+        self.head_dim = head_dim
+        self._attend = _attention_function(layers[0].self_attn, config._attn_implementation)
+        self._rms_norm, self._add_rms_norm, self._rope, self._silu_mul = (
+            _rms_norm,
+            _add_rms_norm,
+            _rope,
+            _silu_mul,
+        )
+        if fuse if fuse is not None else use_graphs:
+            self._fuse()
         self._graphs: dict[tuple[int, int, bool], torch.cuda.CUDAGraph] = {}
         self._pool = None
         self._weights = self._weight_pointers()
+
+    def _fuse(self) -> None:
+        """Compile the elementwise parts (one kernel each instead of several; the step is launch-bound
+        at small batch). Shapes vary only in the slot count, so each compiles once, dynamically."""
+        try:
+            compiled = [
+                torch.compile(fn, dynamic=True, fullgraph=True)
+                for fn in (_rms_norm, _add_rms_norm, _rope, _silu_mul)
+            ]
+            hidden = self.stack.config.hidden_size
+            probe = torch.randn(2, 1, hidden, device=self.device, dtype=self.keys[0].dtype)
+            weight = self.stack.norm.weight
+            compiled[0](probe, weight, 1e-6)
+            compiled[1](probe, probe, weight, 1e-6)
+            heads = torch.randn(2, 2, 1, self.head_dim, device=self.device, dtype=probe.dtype)
+            angles = torch.randn(2, 1, self.head_dim, device=self.device, dtype=probe.dtype)
+            compiled[2](heads, heads, angles, angles)
+            compiled[3](probe, probe)
+        except Exception as exc:  # no compiler for this device: the plain versions compute the same
+            logger.warning(
+                "static decoder: torch.compile failed (%s: %s); running unfused", type(exc).__name__, exc
+            )
+            return
+        self._rms_norm, self._add_rms_norm, self._rope, self._silu_mul = compiled
+        self.fused = True
 
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -316,20 +401,35 @@ class SlotDecoder:
         cache.index = (
             write_at.clamp(max=self.slot_len - 1).view(b, 1, 1, 1).expand(b, kv_shape[1], 1, kv_shape[3])
         )
-        for layer in self.stack.layers:
-            hidden = layer(
-                hidden,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            if isinstance(hidden, tuple):
-                hidden = hidden[0]
-        hidden = self.stack.norm(hidden)
-        self.logits[:b] = self.lm_head(hidden[:, -1]).float()
+        layers = self.stack.layers
+        norm = layers[0].input_layernorm
+        x = self._rms_norm(hidden, norm.weight, norm.variance_epsilon)
+        for index, layer in enumerate(layers):
+            attention = self._attention_block(layer.self_attn, x, position_embeddings, mask)
+            norm = layer.post_attention_layernorm
+            hidden, x = self._add_rms_norm(hidden, attention, norm.weight, norm.variance_epsilon)
+            mlp = layer.mlp
+            mlp_out = mlp.down_proj(self._silu_mul(mlp.gate_proj(x), mlp.up_proj(x)))
+            # The residual add is fused with the next norm: the next layer's input norm, or the final one.
+            norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else self.stack.norm
+            hidden, x = self._add_rms_norm(hidden, mlp_out, norm.weight, norm.variance_epsilon)
+        self.logits[:b] = self.lm_head(x[:, -1]).float()
         self.position[:b] += keep
         self.write_at[:b] += keep
+
+    def _attention_block(self, attention, x, position_embeddings, mask) -> torch.Tensor:
+        """transformers' Qwen attention for one new token per slot, against the slot cache."""
+        rows, head_dim = x.shape[0], self.head_dim
+        q = attention.q_proj(x).view(rows, 1, -1, head_dim)
+        k = attention.k_proj(x).view(rows, 1, -1, head_dim)
+        v = attention.v_proj(x).view(rows, 1, -1, head_dim).transpose(1, 2)
+        if hasattr(attention, "q_norm"):  # Qwen3-VL normalises each head before RoPE
+            q = self._rms_norm(q, attention.q_norm.weight, attention.q_norm.variance_epsilon)
+            k = self._rms_norm(k, attention.k_norm.weight, attention.k_norm.variance_epsilon)
+        q, k = self._rope(q.transpose(1, 2), k.transpose(1, 2), *position_embeddings)
+        keys, values = self.cache.update(k, v, attention.layer_idx)
+        out, _ = self._attend(attention, q, keys, values, mask, dropout=0.0, scaling=attention.scaling)
+        return attention.o_proj(out.reshape(rows, 1, -1))
 
     # ----------------------------------------------------------------------------------------
     # CUDA graphs
