@@ -9,6 +9,10 @@ env (tests/rollout/envs_for_tests.py): every turn answers with a line of text
 (``--observation-image``: a small image and the text) and never ends the episode, so every episode
 runs ``--turns`` turns whatever a random-weight model writes.
 
+The vision placeholder tokens are masked out of the model's logits (``--keep-vision-tokens``
+leaves them): a random-weight model samples one now and then, and the rollout fails an episode
+that does, before its last turn.
+
 The timer holds the whole rollout: building the prompts, image processing, every turn's prefill
 and decode, the env steps and observation encoding, and the reward. Caches start cold every repeat:
 new diagrams (a seed offset per repeat), a new observation image colour, a new rollout runtime (its
@@ -53,8 +57,29 @@ from trainer.config import TrainConfig  # noqa: E402
 
 FEEDBACK_ENV = HERE.parent / "tests" / "rollout" / "envs_for_tests.py"
 PROBLEM = "<image>Find x in the figure. Reason step by step, then call calc_score with your answer."
+VISION_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
 # Room in the episode's budget for each turn's observation (text, or a small image and text).
 OBSERVATION_TOKENS = 512
+
+
+def forbid_vision_tokens(policy):
+    """Mask the vision placeholder tokens out of the model's output logits; returns the hook's
+    handle. A random-weight model samples them now and then (1 to 6 episodes in 64 over 3 turns of
+    24 tokens), and the rollout rightly fails an episode that writes one (a trained model does not),
+    which would end it before its last turn."""
+    head = policy.model.get_output_embeddings()
+    ids = {policy.tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
+    ids = sorted(
+        i
+        for i in ids
+        if isinstance(i, int) and 0 <= i < head.out_features and i != policy.tokenizer.unk_token_id
+    )
+    index = torch.tensor(ids, dtype=torch.long, device=head.weight.device)
+
+    def mask(module, inputs, logits):
+        return logits.index_fill(-1, index, float("-inf"))
+
+    return head.register_forward_hook(mask)
 
 
 def plugin_yaml(directory: Path) -> Path:
@@ -130,9 +155,13 @@ def run_once(
     turns = [len(s.metadata.get("turns", [])) for s in samples]
     model_tokens = [sum(t["model_tokens"] for t in s.metadata.get("turns", [])) for s in samples]
     statuses: dict[str, int] = {}
+    reasons: dict[str, int] = {}  # why episodes ended otherwise than COMPLETED
     for sample in samples:
         name = getattr(sample.status, "name", str(sample.status))
         statuses[name] = statuses.get(name, 0) + 1
+        if name != "COMPLETED":
+            reason = f"{name}: {sample.metadata.get('status_reason')}"
+            reasons[reason] = reasons.get(reason, 0) + 1
     generated = sum(model_tokens)
     return {
         "repeat": repeat,
@@ -145,6 +174,7 @@ def run_once(
         "turns_mean": round(statistics.mean(turns), 2),
         "generated_tokens_per_episode_mean": round(statistics.mean(model_tokens), 1),
         "statuses": statuses,
+        "status_reasons": reasons,
         "engine_stats": stats_delta(before, engine.stats),
     }
 
@@ -201,6 +231,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="each observation carries a small image besides its text",
     )
+    parser.add_argument(
+        "--keep-vision-tokens",
+        action="store_true",
+        help="let the model sample vision placeholder tokens (masked by default: an episode that writes one fails)",
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", type=Path, default=HERE / "results")
@@ -222,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     policy, model_name = bench_policy(args.model, args.random_init_shape, device, dtype)
     max_batch_size = args.max_batch_size or args.episodes
+    masked = None if args.keep_vision_tokens else forbid_vision_tokens(policy)
     engine = LocalEngine(policy, max_batch_size=max_batch_size, seed=args.seed, **engine_options(args.decode))
     rows = []
     with tempfile.TemporaryDirectory() as directory:
@@ -238,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
                 )
         finally:
             asyncio.run(engine.aclose())
+            if masked is not None:
+                masked.remove()
     report = {
         "benchmark": "engine_rollout",
         "date": date.today().isoformat(),
@@ -254,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
         "turns": args.turns,
         "tokens_per_turn": args.tokens_per_turn,
         "observation": "image and text" if args.observation_image else "text",
+        "vision_tokens_masked": not args.keep_vision_tokens,
         "machine": machine(device),
         "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in rows),
         "results": rows,

@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "engine_rollout.py"
 
 
@@ -35,6 +37,7 @@ def test_every_episode_runs_three_turns_and_the_run_is_written(tmp_path, capsys)
     assert stats["requests"] == 12  # the warm-up's requests are not counted
     assert stats["max_batch_rows"] <= 4
     assert report["observation"] == "text" and report["decode"] is None
+    assert report["vision_tokens_masked"] is True
     assert "| repeat | episodes | turns / episode | generated tokens | wall s | tok/s end to end |" in (
         capsys.readouterr().out
     )
@@ -57,3 +60,23 @@ def test_image_observations_run_through_the_rollout(tmp_path):
     )
     assert [r["turns_per_episode"] for r in report["results"]] == [[3, 3], [3, 3]]
     assert report["observation"] == "image and text"
+
+
+def test_vision_tokens_are_masked_out_of_the_logits_until_the_hook_is_removed(qwen25_policy):
+    bench = _bench_module()
+    tokenizer, model = qwen25_policy.tokenizer, qwen25_policy.model
+    vision = [tokenizer.convert_tokens_to_ids(token) for token in bench.VISION_TOKENS]
+    input_ids = torch.tensor([tokenizer("Find x.")["input_ids"]])
+    handle = bench.forbid_vision_tokens(qwen25_policy)
+    try:
+        with torch.no_grad():
+            masked = model(input_ids=input_ids).logits[0, -1]
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        plain = model(input_ids=input_ids).logits[0, -1]
+    assert torch.isneginf(masked[vision]).all()
+    assert torch.isfinite(plain[vision]).all()
+    others = torch.ones_like(plain, dtype=torch.bool)
+    others[vision] = False
+    assert torch.equal(masked[others], plain[others])
