@@ -328,6 +328,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--default-max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--decode",
+        default="auto",
+        choices=["auto", "eager", "static"],
+        help="static: KV cache slots, CUDA graphs, continuous batching; auto: static on CUDA where supported",
+    )
+    parser.add_argument(
+        "--max-seq-len", type=int, default=None, help="static decoding: tokens one request may hold (8192)"
+    )
     return parser.parse_args(argv)
 
 
@@ -344,6 +353,8 @@ async def _serve(args: argparse.Namespace) -> None:
         batch_wait_ms=args.batch_wait_ms,
         seed=args.seed,
         default_max_new_tokens=args.default_max_new_tokens,
+        decode=args.decode,
+        max_seq_len=args.max_seq_len,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

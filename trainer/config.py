@@ -92,6 +92,10 @@ class TrainConfig:
     device: str | None = None  # None: cuda when available, else cpu
     engine_max_batch_size: int = 32
     engine_batch_wait_ms: float = 5.0
+    # "static": KV cache in slots, CUDA graphs, continuous batching; "eager": one forward per token;
+    # "auto": static on CUDA for models it supports (not Qwen3.5's linear attention), else eager.
+    engine_decode: str = "auto"
+    engine_max_seq_len: int | None = None  # static: tokens one request may hold (None: 8192)
     # Cap on this process's CUDA memory in GiB (torch.cuda.set_per_process_memory_fraction, set
     # before the model loads): a run on a larger card then fails where a card of this size would.
     # None: the whole card.
@@ -188,6 +192,10 @@ class TrainConfig:
             raise ConfigError(f"sft_wrong_first must be in [0, 1], got {self.sft_wrong_first}")
         if self.sft_lr is not None and not (self.sft_lr > 0 and math.isfinite(self.sft_lr)):
             raise ConfigError(f"sft_lr must be a positive number or null, got {self.sft_lr}")
+        if self.engine_decode not in ("auto", "eager", "static"):
+            raise ConfigError(f'engine_decode must be "auto", "eager" or "static", got {self.engine_decode!r}')
+        if self.engine_max_seq_len is not None and self.engine_max_seq_len < 2:
+            raise ConfigError(f"engine_max_seq_len must be >= 2 or null, got {self.engine_max_seq_len}")
         if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto"):
             raise ConfigError(
                 f'gradient_checkpointing must be true, false or "auto", got {self.gradient_checkpointing!r}'

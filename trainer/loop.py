@@ -209,6 +209,8 @@ def train(
         max_batch_size=cfg.engine_max_batch_size,
         batch_wait_ms=cfg.engine_batch_wait_ms,
         seed=cfg.seed,
+        decode=cfg.engine_decode,
+        max_seq_len=cfg.engine_max_seq_len,
     )
     engine.weight_version = start_step
     args = rollout_args(cfg, TurnSeededEngine(engine), str(policy.path))
@@ -247,6 +249,7 @@ def train(
             asyncio.run(run_rollout(args, samples, cfg, step, runtime))
             rollout_time = time.perf_counter() - started
             memory = peak_memory_metrics(device, "rollout")
+            engine.release_memory()  # the update is the step's peak: it gets the KV cache's memory
             reset_peak_memory(device)
             _report_failures(samples, step, first=step == start_step, write=logger.write)
 

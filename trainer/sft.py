@@ -308,6 +308,8 @@ def rollout_before_sft(policy: Any, cfg: TrainConfig, prompts: Any) -> dict[str,
         policy,
         max_batch_size=cfg.engine_max_batch_size,
         batch_wait_ms=cfg.engine_batch_wait_ms,
+        decode=cfg.engine_decode,
+        max_seq_len=cfg.engine_max_seq_len,
         seed=cfg.seed,
     )
     args = rollout_args(cfg, TurnSeededEngine(engine), str(policy.path))

@@ -436,6 +436,13 @@ class LocalEngine:
         self._abort_epoch += 1
         return count
 
+    def release_memory(self) -> None:
+        """Free the static decoder's KV cache and CUDA graphs (rebuilt by the next request). Call it
+        while no request is in flight, e.g. between a rollout and the update that follows it."""
+        if self._pending:
+            raise RuntimeError("release_memory() while requests are in flight")
+        self._decoder = None
+
     async def aclose(self) -> None:
         """Abort everything in flight, stop the scheduler and the worker thread."""
         if self._closed:
