@@ -676,6 +676,8 @@ class LocalEngine:
                         decoder.step(rows, length, filtering)
                     state = decoder.state(rows, steps).numpy()
                     self._add_time("decode_seconds", started)
+                    self.stats["graphs"] = decoder.graph_count()
+                    self.stats["graph_capture_seconds"] = decoder.capture_seconds
                     self.stats["decode_steps"] += steps
                     self.stats["max_batch_rows"] = max(self.stats["max_batch_rows"], len(occupied))
                     done, new_counts, codes, recent = state[:, 0], state[:, 1], state[:, 2], state[:, 3:]

@@ -30,6 +30,7 @@ says so and the engine keeps the eager loop for them.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -187,6 +188,7 @@ class SlotDecoder:
         self.slots, self.slot_len = slots, slot_len
         self.use_graphs = use_graphs
         self.fused = False
+        self.capture_seconds = 0.0  # spent capturing CUDA graphs (inside the decode time)
         self.max_stop_ids = max_stop_ids
         parameter = next(model.parameters())
         device, dtype = parameter.device, parameter.dtype
@@ -349,8 +351,10 @@ class SlotDecoder:
             key = (rows, length, filtering)
             graph = self._graphs.get(key)
             if graph is None:
+                started = time.perf_counter()
                 graph = self._capture(rows, length, filtering)
                 self._graphs[key] = graph
+                self.capture_seconds += time.perf_counter() - started
             graph.replay()
         else:
             self._step(rows, length, filtering)
