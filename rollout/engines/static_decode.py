@@ -237,28 +237,23 @@ class SlotDecoder:
         self._weights = self._weight_pointers()
 
     def _fuse(self) -> None:
-        """Compile the elementwise parts (one kernel each instead of several; the step is launch-bound
-        at small batch). Shapes vary only in the slot count, so each compiles once, dynamically."""
+        """Compile the elementwise parts: one kernel each instead of several (the step is bound by
+        kernel launches at small batch). They are compiled here, by running real steps over the
+        empty slots (one row, then two: the slot count becomes a dynamic size), so that no step a
+        request waits for compiles, and a machine without a compiler keeps the plain versions."""
+        plain = self._rms_norm, self._add_rms_norm, self._rope, self._silu_mul
         try:
-            compiled = [
-                torch.compile(fn, dynamic=True, fullgraph=True)
-                for fn in (_rms_norm, _add_rms_norm, _rope, _silu_mul)
-            ]
-            hidden = self.stack.config.hidden_size
-            probe = torch.randn(2, 1, hidden, device=self.device, dtype=self.keys[0].dtype)
-            weight = self.stack.norm.weight
-            compiled[0](probe, weight, 1e-6)
-            compiled[1](probe, probe, weight, 1e-6)
-            heads = torch.randn(2, 2, 1, self.head_dim, device=self.device, dtype=probe.dtype)
-            angles = torch.randn(2, 1, self.head_dim, device=self.device, dtype=probe.dtype)
-            compiled[2](heads, heads, angles, angles)
-            compiled[3](probe, probe)
-        except Exception as exc:  # no compiler for this device: the plain versions compute the same
+            self._rms_norm, self._add_rms_norm, self._rope, self._silu_mul = (
+                torch.compile(fn, dynamic=True, fullgraph=True) for fn in plain
+            )
+            for rows in sorted({1, min(2, self.slots)}):
+                self._step(rows, self.length_buckets[0], False)
+        except Exception as exc:  # e.g. no compiler for this device: the plain versions compute the same
             logger.warning(
                 "static decoder: torch.compile failed (%s: %s); running unfused", type(exc).__name__, exc
             )
+            self._rms_norm, self._add_rms_norm, self._rope, self._silu_mul = plain
             return
-        self._rms_norm, self._add_rms_norm, self._rope, self._silu_mul = compiled
         self.fused = True
 
     def kv_bytes(self) -> int:
