@@ -63,18 +63,20 @@ OBSERVATION_TOKENS = 512
 
 
 def forbid_vision_tokens(policy):
-    """Mask the vision placeholder tokens out of the model's output logits; returns the hook's
-    handle. A random-weight model samples them now and then (1 to 6 episodes in 64 over 3 turns of
-    24 tokens), and the rollout rightly fails an episode that writes one (a trained model does not),
-    which would end it before its last turn."""
+    """Mask out of the model's output logits the vision placeholder tokens and the embedding rows
+    past the tokenizer (Qwen2.5-VL-3B has 267 rows with no token); returns the hook's handle. A
+    random-weight model samples both now and then (a vision token in 1 to 6 episodes of 64 over 3
+    turns of 24 tokens; an id without a token about once in 570 tokens), and the rollout rightly
+    fails an episode that writes one (a trained model does not), ending it before its last turn."""
     head = policy.model.get_output_embeddings()
     ids = {policy.tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
-    ids = sorted(
+    ids = {
         i
         for i in ids
         if isinstance(i, int) and 0 <= i < head.out_features and i != policy.tokenizer.unk_token_id
-    )
-    index = torch.tensor(ids, dtype=torch.long, device=head.weight.device)
+    }
+    ids.update(range(len(policy.tokenizer), head.out_features))
+    index = torch.tensor(sorted(ids), dtype=torch.long, device=head.weight.device)
 
     def mask(module, inputs, logits):
         return logits.index_fill(-1, index, float("-inf"))

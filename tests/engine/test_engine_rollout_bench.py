@@ -7,6 +7,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -66,6 +67,7 @@ def test_vision_tokens_are_masked_out_of_the_logits_until_the_hook_is_removed(qw
     bench = _bench_module()
     tokenizer, model = qwen25_policy.tokenizer, qwen25_policy.model
     vision = [tokenizer.convert_tokens_to_ids(token) for token in bench.VISION_TOKENS]
+    vision += list(range(len(tokenizer), model.get_output_embeddings().out_features))  # rows with no token
     input_ids = torch.tensor([tokenizer("Find x.")["input_ids"]])
     handle = bench.forbid_vision_tokens(qwen25_policy)
     try:
@@ -80,3 +82,30 @@ def test_vision_tokens_are_masked_out_of_the_logits_until_the_hook_is_removed(qw
     others = torch.ones_like(plain, dtype=torch.bool)
     others[vision] = False
     assert torch.equal(masked[others], plain[others])
+
+
+def test_embedding_rows_past_the_tokenizer_are_masked_too(qwen25_policy):
+    """Released Qwen2.5-VL-3B pads its embedding past the tokenizer; a random model samples those ids."""
+
+    class ShorterTokenizer:  # the tiny preset has no padding rows: pretend its last 5 ids have no token
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __len__(self):
+            return len(self.tokenizer) - 5
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+    bench = _bench_module()
+    model = qwen25_policy.model
+    policy = SimpleNamespace(model=model, tokenizer=ShorterTokenizer(qwen25_policy.tokenizer))
+    input_ids = torch.tensor([qwen25_policy.tokenizer("Find x.")["input_ids"]])
+    handle = bench.forbid_vision_tokens(policy)
+    try:
+        with torch.no_grad():
+            masked = model(input_ids=input_ids).logits[0, -1]
+    finally:
+        handle.remove()
+    assert torch.isneginf(masked[-5:]).all()
+    assert torch.isfinite(masked[-6])

@@ -188,3 +188,24 @@ def test_counter_uniforms_are_deterministic_uniform_and_row_independent():
     # Neighbouring counters and neighbouring seeds give unrelated draws.
     stream = counter_uniforms(torch.full((4000,), 12345), torch.arange(4000))
     assert abs(float(torch.corrcoef(torch.stack([stream[:-1], stream[1:]]))[0, 1])) < 0.05
+
+
+async def test_release_memory_frees_the_slots_and_the_next_request_rebuilds_them(qwen25_small_policy):
+    policy = qwen25_small_policy
+    ids = single_pad_ids(policy, chat_text(policy, "Say something.", images=0))
+    params = {"max_new_tokens": 4, "ignore_eos": True, "sampling_seed": 1}
+    async with LocalEngine(policy, decode="static") as engine:
+        first = await engine.generate(ids, [], params)
+        assert engine._decoder is not None
+        engine.release_memory()
+        assert engine._decoder is None
+        again = await engine.generate(ids, [], params)
+        assert engine._decoder is not None
+        task = asyncio.create_task(engine.generate(ids, [], {**params, "max_new_tokens": 2000}))
+        while not engine._pending:
+            await asyncio.sleep(0.001)
+        with pytest.raises(RuntimeError, match="in flight"):
+            engine.release_memory()
+        engine.abort()
+        await task
+    assert again.token_ids == first.token_ids

@@ -34,6 +34,8 @@ def test_unknown_key_names_the_nearest_setting():
         ({"kl_loss_coef": 0.1}, "has no effect without use_kl_loss=True"),
         ({"kl_loss_type": "k4"}, "kl_loss_type must be one of k1, k2, low_var_kl"),
         ({"micro_batch_size": 0}, "micro_batch_size must be >= 1"),
+        ({"engine_decode": "fast"}, 'engine_decode must be "auto", "eager" or "static"'),
+        ({"engine_max_seq_len": 1}, "engine_max_seq_len must be >= 2 or null"),
     ],
 )
 def test_out_of_range_values_are_rejected(values, message):

@@ -206,7 +206,7 @@ def test_the_geo3k_envs_get_the_geo3k_format(tmp_path):
     cfg = TrainConfig(custom_config_path=str(REPO / "configs" / "geo3k_vlm_multi_turn.yaml"))
     assert prompt_dataset(cfg) is envs.geo3k.DATASET
     zoom = TrainConfig(custom_config_path=str(REPO / "configs" / "geo3k_zoom.yaml"))
-    assert prompt_dataset(zoom) is dataset_of(envs.geo3k_zoom)
+    assert prompt_dataset(zoom) is dataset_of(envs.geo3k_zoom) is envs.geo3k.DATASET  # numeric labels too
 
 
 def test_a_dataset_that_is_not_a_parquet_dataset_is_refused(tmp_path):

@@ -1,0 +1,165 @@
+"""The static decoder on a GPU: end-to-end and decode-only speed per batch, graph replay time per
+step, a kernel-vs-wall profile of the replayed step, and the trainer-vs-engine log-prob mismatch of
+both decode loops.
+
+    python bench/static_decode_check.py --random-init-shape qwen2.5-vl-3b   # CUDA only
+
+1. ``decode="static"``, 64 slots of 2,048 tokens: for batch 1, 16 and 64, a warm-up batch of the
+   same size (16 tokens: compiles and captures the step for these sizes), then a timed batch of new
+   448x448 diagrams, 256 tokens each at temperature 1 (EOS ignored): wall time, and the engine's own
+   prefill and decode seconds (``engine.stats``; the decode time includes each step's host sync).
+2. The captured step alone: 50 replays at (rows, cache length) = (1, 384), (16, 384), (64, 384),
+   (64, 512), timed with CUDA events, and 20 replays at (64, 384) under torch.profiler: wall and
+   kernel milliseconds per step, kernels per step, the most expensive kernels.
+3. 16 requests of 128 tokens with the same sampling seeds through each loop; every generated
+   token's log-prob is compared with the trainer's teacher-forced one (``token_log_probs`` on the
+   bf16 model): max, mean, p99 and the share above 0.1. The two loops sample different tokens once
+   their bf16 logits differ, so each is compared with the trainer, not with the other.
+
+Prints JSON lines and writes ``$OUT/static_decode_check.json`` (``--output-dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+if str(HERE.parent) not in sys.path:
+    sys.path.insert(0, str(HERE.parent))
+
+from bench.engine_throughput import SHAPES, diagram, random_init_policy  # noqa: E402
+from models.logprobs import token_log_probs  # noqa: E402
+from rollout.engines.local import LocalEngine  # noqa: E402
+
+
+async def _batch(engine, ids, n, new, seed0):
+    params = {"max_new_tokens": new, "ignore_eos": True, "temperature": 1.0}
+    images = [diagram(seed0 + i) for i in range(n)]
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    before = dict(engine.stats)
+    results = await asyncio.gather(
+        *[engine.generate(ids, [im], {**params, "sampling_seed": seed0 + i}) for i, im in enumerate(images)]
+    )
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    timing = {k: engine.stats[k] - before[k] for k in ("decode_seconds", "prefill_seconds", "decode_steps")}
+    return results, images, wall, sum(len(r.token_ids) for r in results), timing
+
+
+def _replay_ms(decoder, rows, length, n=50):
+    decoder.step(rows, length, False)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        decoder.step(rows, length, False)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
+
+
+async def main(shape: str, output_dir: Path) -> dict:
+    policy = random_init_policy(SHAPES[shape], "cuda", torch.bfloat16)
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Find x in the diagram."}]}
+    ]
+    text = policy.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = policy.tokenizer(text)["input_ids"]
+    results: dict = {"card": torch.cuda.get_device_name(), "shape": shape, "prompt_ids": len(ids)}
+    async with LocalEngine(policy, decode="static", max_batch_size=64, max_seq_len=2048, seed=0) as engine:
+        for n in (1, 16, 64):
+            await _batch(engine, ids, n, 16, 10_000 + n)
+            _, _, wall, generated, timing = await _batch(engine, ids, n, 256, 1000 * n)
+            row = dict(
+                batch=n,
+                wall=wall,
+                tok_s=generated / wall,
+                decode_tok_s=generated / timing["decode_seconds"],
+                **timing,
+                ms_per_step=1000 * timing["decode_seconds"] / timing["decode_steps"],
+            )
+            print(json.dumps(row), flush=True)
+            results[f"static-{n}"] = row
+        decoder = engine._decoder
+        for rows, length in ((1, 384), (16, 384), (64, 384), (64, 512)):
+            ms = _replay_ms(decoder, rows, length)
+            print("replay", rows, length, round(ms, 3), "ms", flush=True)
+            results[f"replay-{rows}-{length}"] = ms
+        from torch.profiler import ProfilerActivity, profile
+
+        decoder.step(64, 384, False)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            started = time.perf_counter()
+            for _ in range(20):
+                decoder.step(64, 384, False)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - started
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        kernel_ms = sum(e.device_time for e in kernels) / 1000
+        top = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:12]
+        print(
+            "profile: wall ms/step",
+            wall * 50,
+            "kernel ms/step",
+            kernel_ms / 20,
+            "kernels/step",
+            len(kernels) / 20,
+        )
+        for e in top:
+            print(
+                f"  {e.key[:90]:90s} {e.self_device_time_total / 20 / 1000:.3f} ms/step x{e.count / 20:.0f}"
+            )
+        results["profile_static_64"] = dict(
+            wall_ms=wall * 50, kernel_ms=kernel_ms / 20, kernels=len(kernels) / 20
+        )
+    for mode in ("eager", "static"):
+        async with LocalEngine(policy, decode=mode, max_batch_size=16, max_seq_len=2048) as engine:
+            generated, images, *_ = await _batch(engine, ids, 16, 128, 777)
+        diffs = []
+        for result, image in zip(generated, images, strict=True):
+            prompt = policy.processor(text=[text], images=[image], return_tensors="pt")
+            sequence = torch.cat([prompt["input_ids"], torch.tensor([result.token_ids])], dim=1).cuda()
+            with torch.no_grad():
+                trainer = token_log_probs(
+                    policy.model,
+                    sequence,
+                    len(result.token_ids),
+                    pixel_values=prompt["pixel_values"].cuda(),
+                    image_grid_thw=prompt["image_grid_thw"].cuda(),
+                )[0]
+            diffs += [
+                abs(a - b) for a, b in zip(trainer.float().cpu().tolist(), result.log_probs, strict=True)
+            ]
+        diffs.sort()
+        mismatch = dict(
+            tokens=len(diffs),
+            max=diffs[-1],
+            mean=sum(diffs) / len(diffs),
+            p99=diffs[int(0.99 * (len(diffs) - 1))],
+            share_over_0_1=sum(d > 0.1 for d in diffs) / len(diffs),
+        )
+        print("mismatch", mode, json.dumps(mismatch), flush=True)
+        results[f"mismatch-{mode}"] = mismatch
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "static_decode_check.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--random-init-shape", default="qwen2.5-vl-3b", choices=sorted(SHAPES))
+    parser.add_argument("--output-dir", type=Path, default=Path(os.environ.get("OUT", HERE / "results")))
+    cli = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA device")
+    asyncio.run(main(cli.random_init_shape, cli.output_dir))
