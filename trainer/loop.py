@@ -87,7 +87,14 @@ from trainer.metrics import (
 )
 from trainer.optim import MasterWeightAdamW
 from trainer.report import append_episodes, episode_record, write_report
-from trainer.rollouts import RolloutRuntime, TurnSeededEngine, build_group_samples, rollout_args, run_rollout
+from trainer.rollouts import (
+    RolloutRuntime,
+    TurnSeededEngine,
+    build_group_samples,
+    local_engine,
+    rollout_args,
+    run_rollout,
+)
 from trainer.update import policy_update, prepare_for_training
 
 
@@ -156,7 +163,6 @@ def train(
 ) -> TrainResult:
     """Train ``cfg.hf_checkpoint`` on ``cfg.prompt_data``; ``resume`` is a checkpoint or run dir, or "latest"."""
     from models import load_policy
-    from rollout.engines.local import LocalEngine
 
     run_dir = cfg.resolved_output_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -204,14 +210,7 @@ def train(
             load_policy(ref_source, device=device).model if ref_source else copy.deepcopy(policy.model)
         )
         ref_model.requires_grad_(False).eval()
-    engine = LocalEngine(
-        policy,
-        max_batch_size=cfg.engine_max_batch_size,
-        batch_wait_ms=cfg.engine_batch_wait_ms,
-        seed=cfg.seed,
-        decode=cfg.engine_decode,
-        max_seq_len=cfg.engine_max_seq_len,
-    )
+    engine = local_engine(policy, cfg)
     engine.weight_version = start_step
     args = rollout_args(cfg, TurnSeededEngine(engine), str(policy.path))
     runtime = RolloutRuntime()  # the run's env threads and image cache, across steps
@@ -379,7 +378,9 @@ def _report_failures(samples, step: int, *, first: bool, write) -> None:
     if not causes:
         return
     write(f"step {step}: {format_failures(causes, len(samples))}")
-    env_causes = [(cause, count) for cause, count in causes.most_common() if not cause.startswith(_POLICY_CAUSES)]
+    env_causes = [
+        (cause, count) for cause, count in causes.most_common() if not cause.startswith(_POLICY_CAUSES)
+    ]
     if not first or sum(causes.values()) != len(samples) or len(env_causes) != 1:
         return
     cause, count = env_causes[0]

@@ -26,6 +26,20 @@ from trainer.config import TrainConfig, plugin_config
 from trainer.data import Prompt
 
 
+def local_engine(policy, cfg: TrainConfig):
+    """The in-process engine with the run's engine settings."""
+    from rollout.engines.local import LocalEngine
+
+    return LocalEngine(
+        policy,
+        max_batch_size=cfg.engine_max_batch_size,
+        batch_wait_ms=cfg.engine_batch_wait_ms,
+        decode=cfg.engine_decode,
+        max_seq_len=cfg.engine_max_seq_len,
+        seed=cfg.seed,
+    )
+
+
 def derive_seed(*parts: Any) -> int:
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)

@@ -299,19 +299,17 @@ def sft_data_rows(cfg: TrainConfig) -> list[Any]:
 def rollout_before_sft(policy: Any, cfg: TrainConfig, prompts: Any) -> dict[str, float]:
     """The rollout metrics of GRPO's first batch under the policy as it was before the warm-start
     (no update): the baseline that the run's later rewards are compared with."""
-    from rollout.engines.local import LocalEngine
     from rollout.runtime import RolloutRuntime
     from trainer.metrics import rollout_metrics
-    from trainer.rollouts import TurnSeededEngine, build_group_samples, rollout_args, run_rollout
-
-    engine = LocalEngine(
-        policy,
-        max_batch_size=cfg.engine_max_batch_size,
-        batch_wait_ms=cfg.engine_batch_wait_ms,
-        decode=cfg.engine_decode,
-        max_seq_len=cfg.engine_max_seq_len,
-        seed=cfg.seed,
+    from trainer.rollouts import (
+        TurnSeededEngine,
+        build_group_samples,
+        local_engine,
+        rollout_args,
+        run_rollout,
     )
+
+    engine = local_engine(policy, cfg)
     args = rollout_args(cfg, TurnSeededEngine(engine), str(policy.path))
     samples = build_group_samples(prompts.batch(0, cfg.rollout_batch_size), cfg, policy.tokenizer, 0)
     runtime = RolloutRuntime()

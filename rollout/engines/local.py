@@ -6,17 +6,25 @@
 - **request preparation**: images (data URIs, paths, PIL) processed by the policy's own processor,
   exactly as the trainer will see them; image pad runs given either as one ``<|image_pad|>`` per
   image or as the processor's expanded run (single pads are expanded before generating);
-- **micro-batching**: requests from concurrent episodes wait in a queue until ``max_batch_size``
-  are waiting, or ``batch_wait_ms`` has passed since the first one and no other request is still
-  having its images processed; then they run as one left-padded batch in a worker thread, so the
-  event loop stays free. A batch runs to its longest row (no continuous batching): requests that
-  arrive meanwhile form the next batch;
-- **a manual decode loop** (prefill, then one token per step with a KV cache). Every row carries its
-  own sampling parameters and its own seeded ``torch.Generator``, so one batch mixes temperatures,
-  top-k/top-p, stops and lengths, and a request samples the same tokens whether it ran alone or in a
-  batch of 32. Multimodal RoPE positions are computed here (``get_rope_index`` for the prompt, then
-  ``last position + 1`` per step) and passed explicitly, so the loop never relies on the
-  ``rope_deltas`` the model caches between calls (a trainer's forward pass overwrites them);
+- **two decode loops** (``decode=``), with the same results:
+  - ``"static"`` (``rollout.engines.static_decode``): every request holds a slot of a preallocated
+    KV cache (``max_batch_size`` slots of ``max_seq_len`` tokens); one step samples, checks finishes
+    and runs the decoder layers for all slots, as a CUDA graph on a GPU; the host syncs every
+    ``steps_per_sync`` steps. Batching is continuous: waiting requests are prefilled into free slots
+    between steps, and a finished request leaves at once. A request that does not fit a slot runs
+    in the eager loop (with a warning);
+  - ``"eager"``: requests wait in a queue until ``max_batch_size`` are waiting, or ``batch_wait_ms``
+    has passed since the first one and no other request is still having its images processed;
+    then they run as one left-padded batch, one ``model(...)`` call per token, to its longest row;
+  - ``"auto"`` (default): static on CUDA for softmax-attention models, else eager (Qwen3.5's
+    linear-attention layers, and CPUs, where the eager loop is as fast).
+  Both run in a worker thread, so the event loop stays free. Every row carries its own sampling
+  parameters and its own seed; its n-th draw is a hash of (seed, n) (``rollout.engines.sampling``),
+  so one batch mixes temperatures, top-k/top-p, stops and lengths, and a request samples the same
+  tokens whether it ran alone or beside 63 others, in either loop. Multimodal RoPE positions are
+  computed here (``get_rope_index`` for the prompt, then ``last position + 1`` per step) and passed
+  explicitly, so the loops never rely on the ``rope_deltas`` the model caches between calls (a
+  trainer's forward pass overwrites them);
 - **SGLang's finishing rules**: the length budget is checked first, then stop token ids and EOS
   (unless ``ignore_eos``), then stop strings on the decoded tail; a stop string ends generation at
   the token that completed it; ``no_stop_trim`` only changes the returned text.
@@ -30,8 +38,10 @@ log-probs at that temperature, i.e. what a teacher-forced forward pass gives. Gr
 
 Weights: generation always uses ``policy.model`` as it is at that moment. The single-machine
 trainer updates that same module in place between rollouts and then bumps ``engine.weight_version``,
-which every response reports in ``meta_info``. Batches are run in eval mode (the previous mode is
-restored afterwards) because gradient checkpointing in train mode disables the KV cache.
+which every response reports in ``meta_info``. Both loops run in eval mode (the previous mode is
+restored afterwards) because gradient checkpointing in train mode disables the KV cache. The static
+loop's CUDA graphs read the parameters where they were captured: in-place updates keep them valid,
+and parameters that moved make it recapture. ``release_memory()`` frees its KV cache between uses.
 """
 
 from __future__ import annotations
