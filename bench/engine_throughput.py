@@ -28,8 +28,8 @@ prefill is timed separately (the same batch with one new token, or the engine's 
     roofline tok/s = B x bandwidth / bytes per step
 
 with the bandwidth from ``--bandwidth-gbs`` or, on CUDA, measured once with a large
-device-to-device copy (none on CPU: no roofline there). ``--profile`` adds one batch under
-torch.profiler after the timed runs: per decode step the wall time, the GPU's kernel time (memory
+device-to-device copy (none on CPU: no roofline there). ``--profile`` adds one batch (at most
+33 new tokens) under torch.profiler after the timed runs: per decode step the wall time, the GPU's kernel time (memory
 copies included), the kernels run and the launch calls made, and the GPU busy share (kernel time /
 wall); a one-token run of the same batch under the profiler is subtracted so the prefill is left
 out. On CPU only the wall time.
@@ -71,6 +71,9 @@ from models.tiny import MODEL_CLASSES  # noqa: E402
 from rollout.engines.local import LocalEngine  # noqa: E402
 
 IMAGE_SIZE = 448
+# The profiled batch generates at most this many tokens: a step's cost does not depend on it, and
+# the profiler records every kernel (an eager 3B step launches ~1,600), which makes long runs slow.
+PROFILED_TOKENS = 33
 
 
 @dataclass(frozen=True)
@@ -607,7 +610,7 @@ async def run_benchmark(
                     engine, prompt_ids, runs, batch, repeats
                 )
             profiled = (
-                await profile_decode(engine, prompt_ids, batch, new_tokens, cuda)
+                await profile_decode(engine, prompt_ids, batch, min(new_tokens, PROFILED_TOKENS), cuda)
                 if profile and new_tokens > 1
                 else None
             )
