@@ -636,9 +636,13 @@ class LocalEngine:
 
     def _serve_static(self, waiting: deque[_Request], loop: asyncio.AbstractEventLoop) -> None:
         if self._decoder is None:
-            self._decoder = SlotDecoder(
-                self.model, slots=self.max_batch_size, slot_len=self.max_seq_len, use_graphs=self.cuda_graphs
-            )
+            with torch.no_grad():
+                self._decoder = SlotDecoder(
+                    self.model,
+                    slots=self.max_batch_size,
+                    slot_len=self.max_seq_len,
+                    use_graphs=self.cuda_graphs,
+                )
             logger.info(
                 "local engine: static decoding with %d slots of %d tokens (KV cache %.2f GiB), CUDA graphs %s",
                 self.max_batch_size,

@@ -246,8 +246,10 @@ class SlotDecoder:
             self._rms_norm, self._add_rms_norm, self._rope, self._silu_mul = (
                 torch.compile(fn, dynamic=True, fullgraph=True) for fn in plain
             )
-            for rows in sorted({1, min(2, self.slots)}):
-                self._step(rows, self.length_buckets[0], False)
+            # Under no_grad, as every step runs: a compile with gradients on would not serve them.
+            with torch.no_grad():
+                for rows in sorted({1, min(2, self.slots)}):
+                    self._step(rows, self.length_buckets[0], False)
         except Exception as exc:  # e.g. no compiler for this device: the plain versions compute the same
             logger.warning(
                 "static decoder: torch.compile failed (%s: %s); running unfused", type(exc).__name__, exc

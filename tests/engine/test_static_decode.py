@@ -209,3 +209,29 @@ async def test_release_memory_frees_the_slots_and_the_next_request_rebuilds_them
         engine.abort()
         await task
     assert again.token_ids == first.token_ids
+
+
+async def test_fused_parts_are_built_and_served_with_gradients_off(qwen25_small_policy, monkeypatch):
+    """torch.compile guards on the grad mode: parts compiled with gradients on (the trainer's
+    parameters require grad) would compile again at their first real step, inside a request."""
+    calls: list[tuple[str, bool]] = []
+
+    def recording_compile(fn, **_):
+        def run(*args):
+            calls.append((fn.__name__, torch.is_grad_enabled()))
+            return fn(*args)
+
+        return run
+
+    monkeypatch.setattr(static_decode.torch, "compile", recording_compile)
+    policy = qwen25_small_policy
+    ids = single_pad_ids(policy, chat_text(policy, "Say something.", images=0))
+    original = static_decode.SlotDecoder.__init__
+    monkeypatch.setattr(
+        static_decode.SlotDecoder, "__init__", lambda self, *a, **k: original(self, *a, **{**k, "fuse": True})
+    )
+    async with LocalEngine(policy, decode="static") as engine:
+        await engine.generate(ids, [], {"max_new_tokens": 3, "ignore_eos": True})
+        assert engine._decoder.fused
+    assert {name for name, _ in calls} == {"_rms_norm", "_add_rms_norm", "_rope", "_silu_mul"}
+    assert not any(grad for _, grad in calls)
