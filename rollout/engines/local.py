@@ -790,15 +790,22 @@ class LocalEngine:
             else:
                 oversized.append(request)
         placed: list[tuple[int, _Row]] = []
-        chunk: list[_Request] = []
+        chunks: list[list[_Request]] = []
         for request in admitted:
+            chunk = chunks[-1] if chunks else []
             width = max([len(request.input_ids)] + [len(r.input_ids) for r in chunk])
-            if chunk and width * (len(chunk) + 1) > self.prefill_tokens:
+            if not chunk or width * (len(chunk) + 1) > self.prefill_tokens:
+                chunks.append([request])
+            else:
+                chunk.append(request)
+        for chunk in chunks:
+            try:
                 placed += self._prefill_into_slots(chunk, free)
-                chunk = []
-            chunk.append(request)
-        if chunk:
-            placed += self._prefill_into_slots(chunk, free)
+            except Exception as exc:  # these requests fail; the running slots are untouched
+                logger.exception("local engine: prefill failed for %d request(s)", len(chunk))
+                for request in chunk:
+                    message = f"engine error: {type(exc).__name__}: {exc}"
+                    deliver(_Row(request, finish=Finish(FINISH_ABORT, message=message)))
         if oversized:
             if not self._fallback_warned:
                 self._fallback_warned = True

@@ -235,3 +235,34 @@ async def test_fused_parts_are_built_and_served_with_gradients_off(qwen25_small_
         assert engine._decoder.fused
     assert {name for name, _ in calls} == {"_rms_norm", "_add_rms_norm", "_rope", "_silu_mul"}
     assert not any(grad for _, grad in calls)
+
+
+async def test_a_failed_prefill_fails_its_requests_and_the_running_ones_go_on(
+    qwen25_small_policy, monkeypatch
+):
+    policy = qwen25_small_policy
+    ids = single_pad_ids(policy, chat_text(policy, "Write a story.", images=0))
+    long = {"max_new_tokens": 40, "ignore_eos": True, "sampling_seed": 4}
+    async with LocalEngine(policy, decode="static", steps_per_sync=1, batch_wait_ms=0) as engine:
+        running = asyncio.create_task(engine.generate(ids, [], long))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 120
+        while engine.stats["decode_steps"] < 2 and loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        real_prefill = engine._prefill
+
+        def failing_prefill(requests):
+            raise RuntimeError("out of memory in the vision tower")
+
+        monkeypatch.setattr(engine, "_prefill", failing_prefill)
+        failed = await engine.generate(ids, [], {"max_new_tokens": 3})
+        monkeypatch.setattr(engine, "_prefill", real_prefill)
+        first = await running
+        after = await engine.generate(ids, [], {"max_new_tokens": 3, "ignore_eos": True})
+    assert failed.finish_reason == "abort" and failed.token_ids == []
+    assert "out of memory in the vision tower" in failed.meta_info["finish_reason"]["message"]
+    assert first.finish_reason == "length" and len(first.token_ids) == 40
+    assert len(after.token_ids) == 3
+    async with LocalEngine(policy, decode="eager") as engine:
+        alone = await engine.generate(ids, [], long)
+    _assert_same([first], [alone])
