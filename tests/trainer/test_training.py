@@ -70,3 +70,25 @@ def test_resumed_run_matches_the_uninterrupted_run(learnable_task, tmp_path):
         assert after["train/grad_norm"] == pytest.approx(before["train/grad_norm"], rel=1e-5)
     state = json.loads((resumed.run_dir / "checkpoints" / "step_000004" / "trainer_state.json").read_text())
     assert state["initial_checkpoint"] == "tiny-qwen2.5-vl-small-vocab"
+
+
+def test_training_with_the_static_decoder_frees_its_cache_before_each_update(
+    learnable_task, tmp_path, monkeypatch
+):
+    from rollout.engines.local import LocalEngine
+
+    releases = []
+    real_release = LocalEngine.release_memory
+
+    def counting_release(self):
+        releases.append(self.decode)
+        real_release(self)
+
+    monkeypatch.setattr(LocalEngine, "release_memory", counting_release)
+    cfg = _config(learnable_task, tmp_path / "run", num_rollout=2, seed=5, engine_decode="static")
+    result = train(cfg, log=lambda *_: None)
+    assert releases == ["static", "static"]
+    # The trainer scores exactly what the static loop sampled, with the weights it sampled with.
+    diffs = [m["train/logprob_abs_diff_max"] for m in result.metrics]
+    assert max(diffs) < 1e-3, diffs
+    assert all(m["rollout/response_length_mean"] > 0 for m in result.metrics)
