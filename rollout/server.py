@@ -361,6 +361,7 @@ async def _serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     server = await start_server(engine, args.host, args.port, model_path=args.model)
+    print(f"engine: {engine.decode} decoding, batches of up to {engine.max_batch_size}", flush=True)
     print(f"serving {args.model} on {server.url}", flush=True)
     try:
         await stop.wait()

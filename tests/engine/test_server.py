@@ -264,7 +264,8 @@ async def test_command_line_server_starts_serves_and_stops_on_sigterm(qwen25_sma
         "--port",
         "0",
     ]
-    command += ["--device", "cpu", "--dtype", "float32"]
+    # The static decoder (slots of 512 tokens) here; the other server tests run the default loop.
+    command += ["--device", "cpu", "--dtype", "float32", "--decode", "static", "--max-seq-len", "512"]
     process = await asyncio.create_subprocess_exec(
         *command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -277,6 +278,7 @@ async def test_command_line_server_starts_serves_and_stops_on_sigterm(qwen25_sma
             if line.startswith("serving "):
                 break
         url = line.split(" on ")[-1].strip()
+        assert "engine: static decoding, batches of up to 32\n" in lines
         policy = qwen25_small_policy
         ids = single_pad_ids(policy, chat_text(policy, "Find x.", images=0))
         async with aiohttp.ClientSession(base_url=url) as session:
