@@ -139,7 +139,8 @@ def run_once(
 ) -> dict:
     """One rollout of ``args.episodes`` episodes, timed end to end, on a fresh rollout runtime."""
     from rollout.runtime import RolloutRuntime
-    from trainer.rollouts import TurnSeededEngine, rollout_args, run_rollout
+    from rollout.seeds import TurnSeededEngine
+    from trainer.rollouts import rollout_args, run_rollout
 
     cfg = rollout_config(args, plugin, tokens_per_turn, repeat)
     settings = rollout_args(cfg, TurnSeededEngine(engine), str(policy.path))

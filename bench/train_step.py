@@ -86,10 +86,11 @@ def grpo_mismatch(policy, name: str, args, device: str) -> dict:
     import trainer.update
     from envs.geo3k.sample_data import format_problem, generate_problems
     from rollout.engines.local import LocalEngine
+    from rollout.seeds import TurnSeededEngine
     from trainer.batch import to_train_sample
     from trainer.data import Prompt
     from trainer.grpo import group_advantages
-    from trainer.rollouts import TurnSeededEngine, build_group_samples, rollout_args, run_rollout
+    from trainer.rollouts import build_group_samples, rollout_args, run_rollout
 
     extra = {}
     if args.env == "image-feedback":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import hashlib
 import json
 import time
 from collections import Counter
@@ -40,6 +39,7 @@ from typing import Any
 from PIL import Image
 
 from envs.images import ImageLoadError, load_image
+from rollout.seeds import TurnSeededEngine, derive_seed
 
 STATUSES: tuple[str, ...] = ("COMPLETED", "TRUNCATED", "ABORTED", "FAILED")
 
@@ -321,30 +321,6 @@ def _failed_problem(index: int, label: str, n: int, error: str) -> ProblemResult
 # Inputs
 
 
-def _derive_seed(*parts: Any) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-class _TurnSeeded:
-    """Gives each turn its own ``sampling_seed``, derived from the episode's and the prompt length
-    (which grows every turn), so that the turns of one episode do not replay the same randomness."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "engine":  # not set yet (a copy in progress): no recursion
-            raise AttributeError(name)
-        return getattr(self.engine, name)  # prepare_image, weight_version, ...
-
-    async def generate(self, input_ids: list[int], images: list[Any], sampling_params: dict[str, Any]):
-        params = dict(sampling_params)
-        if params.get("sampling_seed") is not None:
-            params["sampling_seed"] = _derive_seed(params["sampling_seed"], len(input_ids))
-        return await self.engine.generate(input_ids, images, params)
-
-
 def _problem_fields(item: Any, position: int) -> tuple[int, str]:
     """The index to report a problem under, and its label (``label``, or a dataset row's ``answer``)."""
     index = getattr(item, "index", None)
@@ -482,7 +458,7 @@ async def evaluate(
         tokenizer = runtime.processing.get(args.hf_checkpoint).tokenizer
     if seed is not None and getattr(args, "rollout_engine", None) is not None:
         args = copy.copy(args)
-        args.rollout_engine = _TurnSeeded(args.rollout_engine)
+        args.rollout_engine = TurnSeededEngine(args.rollout_engine)
     base_params: dict[str, Any] = {
         "temperature": temperature,
         "top_p": top_p,
@@ -512,7 +488,7 @@ async def evaluate(
         for j, sample in enumerate(samples):
             params = dict(base_params)
             if seed is not None:
-                params["sampling_seed"] = _derive_seed(seed, index, j)
+                params["sampling_seed"] = derive_seed(seed, index, j)
             episodes.append((result, j, sample, params))
     if not results:
         raise ValueError("samples_or_rows is empty: there is nothing to evaluate")

@@ -63,6 +63,7 @@ import torch
 
 from envs.dataset import DatasetError
 from envs.loader import load_env_module
+from rollout.seeds import TurnSeededEngine
 from trainer.batch import to_train_sample
 from trainer.checkpoint import (
     describe_size,
@@ -89,7 +90,6 @@ from trainer.optim import MasterWeightAdamW
 from trainer.report import append_episodes, episode_record, write_report
 from trainer.rollouts import (
     RolloutRuntime,
-    TurnSeededEngine,
     build_group_samples,
     local_engine,
     rollout_args,

@@ -17,11 +17,11 @@ what the uninterrupted run would have.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import types
 from typing import Any
 
 from rollout.runtime import RolloutRuntime
+from rollout.seeds import derive_seed
 from trainer.config import TrainConfig, plugin_config
 from trainer.data import Prompt
 
@@ -38,29 +38,6 @@ def local_engine(policy, cfg: TrainConfig):
         max_seq_len=cfg.engine_max_seq_len,
         seed=cfg.seed,
     )
-
-
-def derive_seed(*parts: Any) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-class TurnSeededEngine:
-    """Wraps an engine so that each request's ``sampling_seed`` is unique per (episode, turn)."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    async def generate(self, input_ids: list[int], images: list[Any], sampling_params: dict[str, Any]):
-        params = dict(sampling_params)
-        episode_seed = params.get("sampling_seed")
-        if episode_seed is not None:
-            params["sampling_seed"] = derive_seed(episode_seed, len(input_ids))
-        return await self.engine.generate(input_ids, images, params)
-
-    @property
-    def weight_version(self) -> Any:
-        return self.engine.weight_version
 
 
 def plugin_settings(cfg: TrainConfig) -> dict[str, Any]:

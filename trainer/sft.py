@@ -300,9 +300,9 @@ def rollout_before_sft(policy: Any, cfg: TrainConfig, prompts: Any) -> dict[str,
     """The rollout metrics of GRPO's first batch under the policy as it was before the warm-start
     (no update): the baseline that the run's later rewards are compared with."""
     from rollout.runtime import RolloutRuntime
+    from rollout.seeds import TurnSeededEngine
     from trainer.metrics import rollout_metrics
     from trainer.rollouts import (
-        TurnSeededEngine,
         build_group_samples,
         local_engine,
         rollout_args,

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 import time
@@ -81,6 +80,7 @@ from rollout.engines.static_decode import (
     SlotRequest,
     unsupported_reason,
 )
+from rollout.seeds import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -250,11 +250,6 @@ class _Row:
     prompt_len: int = 0  # static decoding: the prompt's tokens in the row's cache slot
 
 
-def _derive_seed(*parts: Any) -> int:
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 def _pad_runs(ids: Sequence[int], pad_id: int) -> list[tuple[int, int]]:
     """(start, length) of every maximal run of ``pad_id``, in order."""
     runs: list[tuple[int, int]] = []
@@ -412,9 +407,9 @@ class LocalEngine:
         except SamplingParamsError as exc:
             raise EngineError(str(exc), retriable=False, status=400) from exc
         seed = (
-            _derive_seed("sampling_seed", params.sampling_seed)
+            derive_seed("sampling_seed", params.sampling_seed)
             if params.sampling_seed is not None
-            else _derive_seed("engine", self.seed, number)
+            else derive_seed("engine", self.seed, number)
         )
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
