@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -93,3 +95,22 @@ def patch_sampler(monkeypatch, wrapper):
             monkeypatch.setattr(module, "sample_tokens", real)
 
     return restore
+
+
+def small_3b_shape(shapes):
+    """Qwen2.5-VL-3B's shape (its vocabulary, tied embeddings, rope and vision layout) with tiny
+    widths and depths, from a benchmark's shape table: random-init code paths at CPU speed."""
+    return dataclasses.replace(
+        shapes["qwen2.5-vl-3b"],
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        mrope_section=(2, 3, 3),
+        vision_depth=2,
+        vision_hidden_size=32,
+        vision_intermediate_size=64,
+        vision_num_heads=2,
+        vision_fullatt_block_indexes=(1,),
+    )

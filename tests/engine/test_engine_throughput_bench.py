@@ -4,13 +4,14 @@ numbers themselves are measured elsewhere)."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import torch
+
+from tests.engine.conftest import small_3b_shape
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "engine_throughput.py"
 
@@ -36,20 +37,7 @@ def test_qwen25_vl_3b_shape_has_the_released_parameter_count():
 
 
 def _small_shape(bench):
-    return dataclasses.replace(
-        bench.SHAPES["qwen2.5-vl-3b"],
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        mrope_section=(2, 3, 3),
-        vision_depth=2,
-        vision_hidden_size=32,
-        vision_intermediate_size=64,
-        vision_num_heads=2,
-        vision_fullatt_block_indexes=(1,),
-    )
+    return small_3b_shape(bench.SHAPES)
 
 
 def _bytes(parameters) -> int:

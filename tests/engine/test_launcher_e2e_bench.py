@@ -4,7 +4,6 @@ are measured elsewhere)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -13,24 +12,12 @@ import torch
 from bench import launcher_e2e
 from bench.engine_throughput import SHAPES, random_init_policy
 from models import load_policy, load_processing
+from tests.engine.conftest import small_3b_shape
 from trainer.config import ConfigError, TrainConfig
 from trainer.loop import limit_gpu_memory
 from trainer.metrics import peak_memory_metrics
 
-SMALL_3B_SHAPE = dataclasses.replace(
-    SHAPES["qwen2.5-vl-3b"],
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    mrope_section=(2, 3, 3),
-    vision_depth=2,
-    vision_hidden_size=32,
-    vision_intermediate_size=64,
-    vision_num_heads=2,
-    vision_fullatt_block_indexes=(1,),
-)
+SMALL_3B_SHAPE = small_3b_shape(SHAPES)
 
 
 def _report(output_dir) -> dict:
