@@ -16,6 +16,9 @@ both decode loops.
    bf16 model): max, mean, p99 and the share above 0.1. The two loops sample different tokens once
    their bf16 logits differ, so each is compared with the trainer, not with the other.
 
+4. The prefill of 64 new images (one new token each), twice with transformers' SDPA vision
+   attention and twice with ``models.vision_attention.segmented_sdpa``.
+
 Prints JSON lines and writes ``$OUT/static_decode_check.json`` (``--output-dir``).
 """
 
@@ -65,6 +68,27 @@ def _replay_ms(decoder, rows, length, n=50):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / n
+
+
+async def _vision_attention_ab(policy, ids, batch: int = 64, runs: int = 2) -> dict:
+    """Prefill seconds of a batch of new images (one new token each) with transformers' SDPA vision
+    attention (one call per window), then with ``segmented_sdpa`` (one call per window size)."""
+    from models.vision_attention import use_segmented_vision_attention
+
+    seconds: dict[str, list[float]] = {"sdpa": [], "segmented": []}
+    async with LocalEngine(policy, decode="static", max_batch_size=batch, max_seq_len=2048) as engine:
+        await _batch(engine, ids, batch, 1, 50_000)  # warm-up
+        for name in ("sdpa", "segmented"):
+            if name == "segmented":
+                assert use_segmented_vision_attention(policy.model)
+                await _batch(engine, ids, batch, 1, 55_000)  # warm-up of the new kernels
+            for run in range(runs):
+                _, _, _, _, timing = await _batch(
+                    engine, ids, batch, 1, 60_000 + 1000 * run + (name == "sdpa") * 500
+                )
+                seconds[name].append(timing["prefill_seconds"])
+    print("vision attention, prefill seconds of", batch, "new images:", json.dumps(seconds), flush=True)
+    return seconds
 
 
 async def main(shape: str, output_dir: Path) -> dict:
@@ -150,6 +174,7 @@ async def main(shape: str, output_dir: Path) -> dict:
         )
         print("mismatch", mode, json.dumps(mismatch), flush=True)
         results[f"mismatch-{mode}"] = mismatch
+    results["vision_attention"] = await _vision_attention_ab(policy, ids)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "static_decode_check.json").write_text(json.dumps(results, indent=1))
     return results
