@@ -46,11 +46,11 @@ if str(HERE.parent) not in sys.path:
 
 from bench.engine_throughput import (  # noqa: E402
     SHAPES,
-    bench_policy,
     diagram,
     engine_options,
     git_commit,
     machine,
+    policy_from_args,
     write_report,
 )
 from trainer.config import TrainConfig  # noqa: E402
@@ -252,13 +252,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from models.loader import default_dtype
     from rollout.engines.local import LocalEngine
 
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
-    policy, model_name = bench_policy(args.model, args.random_init_shape, device, dtype)
+    policy, model_name, device, dtype = policy_from_args(args)
     max_batch_size = args.max_batch_size or args.episodes
     masked = None if args.keep_vision_tokens else forbid_vision_tokens(policy)
     engine = LocalEngine(policy, max_batch_size=max_batch_size, seed=args.seed, **engine_options(args.decode))

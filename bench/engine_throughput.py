@@ -275,6 +275,17 @@ def bench_policy(
     return load_policy(model, device=device, dtype=dtype), model
 
 
+def policy_from_args(args) -> tuple[Policy, str, str, torch.dtype]:
+    """``bench_policy`` for a benchmark's ``--model``, ``--random-init-shape``, ``--device`` and
+    ``--dtype``: the policy, its name, the device and the dtype it was built with."""
+    from models.loader import default_dtype
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    policy, name = bench_policy(args.model, args.random_init_shape, device, dtype)
+    return policy, name, device, dtype
+
+
 def random_init_policy(shape: Shape, device: str, dtype: torch.dtype) -> Policy:
     """A policy with random weights of ``shape``, built directly on ``device`` (no fp32 CPU copy)."""
     processing = load_processing(shape.processing_preset)
@@ -796,12 +807,8 @@ def write_report(output_dir: Path, benchmark: str, report: dict) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from models.loader import default_dtype
-
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
-    policy, model_name = bench_policy(args.model, args.random_init_shape, device, dtype)
+    policy, model_name, device, dtype = policy_from_args(args)
     parameters = sum(p.numel() for p in policy.model.parameters())
     bandwidth_gbs, bandwidth_source = args.bandwidth_gbs, "given"
     if bandwidth_gbs is None and device.startswith("cuda"):

@@ -592,7 +592,7 @@ class LocalEngine:
             if self.decode == "static":
                 # Serves until no request is running or waiting; requests that arrive meanwhile
                 # join the running batch between steps.
-                await loop.run_in_executor(self._executor, self._serve_static, waiting, loop)
+                await loop.run_in_executor(self._executor, self._serve_static, waiting)
                 continue
             batch = [waiting.popleft() for _ in range(min(self.max_batch_size, len(waiting)))]
             live = [r for r in batch if r.future is not None and not r.future.done()]
@@ -629,7 +629,7 @@ class LocalEngine:
     # ----------------------------------------------------------------------------------------
     # Static decoding with continuous batching (worker thread)
 
-    def _serve_static(self, waiting: deque[_Request], loop: asyncio.AbstractEventLoop) -> None:
+    def _serve_static(self, waiting: deque[_Request]) -> None:
         if self._decoder is None:
             with torch.no_grad():
                 self._decoder = SlotDecoder(
@@ -650,15 +650,12 @@ class LocalEngine:
         slots: list[_Row | None] = [None] * decoder.slots
         prompt_lens = np.zeros(decoder.slots, dtype=np.int64)
         counts = np.zeros(decoder.slots, dtype=np.int64)
-        watched = np.zeros(
-            decoder.slots, dtype=bool
-        )  # rows with stop strings: their tokens are read each sync
+        # Rows with stop strings: their tokens are read back at each sync.
+        watched = np.zeros(decoder.slots, dtype=bool)
         steps = self.steps_per_sync
 
         def deliver(row: _Row) -> None:
-            result = self._result(row)
-            future = row.request.future
-            loop.call_soon_threadsafe(lambda: future.done() or future.set_result(result))
+            self._settle(row.request, self._result(row))
 
         was_training = self.model.training
         self.model.eval()
@@ -733,6 +730,12 @@ class LocalEngine:
         finally:
             if was_training:
                 self.model.train()
+
+    @staticmethod
+    def _settle(request: _Request, result: GenerateResult) -> None:
+        """Answer ``request`` from the worker thread (unless its caller gave up on it)."""
+        future = request.future
+        future.get_loop().call_soon_threadsafe(lambda: future.done() or future.set_result(result))
 
     def _slot_finish(
         self, row: _Row, done: bool, code: int, count: int, grew: int
@@ -811,8 +814,7 @@ class LocalEngine:
                 )
             self.stats["eager_fallbacks"] += len(oversized)
             for request, result in zip(oversized, self._run_batch(oversized), strict=True):
-                future = request.future
-                future.get_loop().call_soon_threadsafe(lambda f=future, r=result: f.done() or f.set_result(r))
+                self._settle(request, result)
         return placed
 
     def _prefill_into_slots(self, requests: list[_Request], free: list[int]) -> list[tuple[int, _Row]]:

@@ -50,6 +50,14 @@ async def _run(policy, requests, **engine_kwargs):
         return results, dict(engine.stats)
 
 
+async def _decoded_steps(engine, steps: int) -> None:
+    """Wait (observing, with a deadline) until the engine has run ``steps`` decode steps."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 120
+    while engine.stats["decode_steps"] < steps and loop.time() < deadline:
+        await asyncio.sleep(0.005)
+
+
 def _assert_same(results, reference, tolerance: float = 1e-5) -> None:
     for got, want in zip(results, reference, strict=True):
         assert got.token_ids == want.token_ids
@@ -101,10 +109,7 @@ async def test_a_request_joins_a_running_batch_between_steps(qwen25_small_policy
     short = {"max_new_tokens": 5, "ignore_eos": True, "sampling_seed": 3}
     async with LocalEngine(policy, decode="static", steps_per_sync=1, batch_wait_ms=0) as engine:
         running = asyncio.create_task(engine.generate(ids, [], long))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 120
-        while engine.stats["decode_steps"] < 3 and loop.time() < deadline:
-            await asyncio.sleep(0.005)
+        await _decoded_steps(engine, 3)
         joined = await engine.generate(image_ids, [make_image(84, 2)], short)
         assert not running.done()  # the short request finished while the long one ran
         first = await running
@@ -133,10 +138,7 @@ async def test_an_abort_ends_a_slot_with_the_tokens_so_far(qwen25_small_policy):
         task = asyncio.create_task(
             engine.generate(ids, [], {"max_new_tokens": 5000, "ignore_eos": True}, rid="s")
         )
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 120
-        while engine.stats["decode_steps"] < 4 and loop.time() < deadline:
-            await asyncio.sleep(0.005)
+        await _decoded_steps(engine, 4)
         assert engine.abort("s") == 1
         result = await task
         follow_up = await engine.generate(ids, [], {"max_new_tokens": 3, "ignore_eos": True})
@@ -245,10 +247,7 @@ async def test_a_failed_prefill_fails_its_requests_and_the_running_ones_go_on(
     long = {"max_new_tokens": 40, "ignore_eos": True, "sampling_seed": 4}
     async with LocalEngine(policy, decode="static", steps_per_sync=1, batch_wait_ms=0) as engine:
         running = asyncio.create_task(engine.generate(ids, [], long))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 120
-        while engine.stats["decode_steps"] < 2 and loop.time() < deadline:
-            await asyncio.sleep(0.005)
+        await _decoded_steps(engine, 2)
         real_prefill = engine._prefill
 
         def failing_prefill(requests):
