@@ -4,7 +4,8 @@ Every request carries its own 448x448 image (one pad in the prompt, expanded by 
 samples exactly ``--new-tokens`` tokens (temperature 1, EOS ignored). A batch of B requests is sent
 concurrently with ``max_batch_size=B``, so it runs as one engine batch; the time is end to end per
 batch (image decoding and processing, prefill, decode), the median of ``--repeats`` runs after a
-warm-up (``--baseline-generate``: the same for ``model.generate``).
+warm-up batch of the same size and length, with images of its own (``--baseline-generate``: the
+same for ``model.generate``).
 
     # CPU, tiny offline models
     python bench/engine_throughput.py --model tiny-qwen2.5-vl --batch-sizes 1,8,32 --new-tokens 64
@@ -54,7 +55,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date
 from pathlib import Path
 
@@ -286,9 +287,18 @@ def policy_from_args(args) -> tuple[Policy, str, str, torch.dtype]:
     return policy, name, device, dtype
 
 
-def random_init_policy(shape: Shape, device: str, dtype: torch.dtype) -> Policy:
-    """A policy with random weights of ``shape``, built directly on ``device`` (no fp32 CPU copy)."""
+def random_init_policy(
+    shape: Shape, device: str, dtype: torch.dtype, *, vocab_to_tokenizer: bool = False
+) -> Policy:
+    """A policy with random weights of ``shape``, built directly on ``device`` (no fp32 CPU copy).
+
+    ``vocab_to_tokenizer`` trims the embedding to the tokenizer's length. The released checkpoints
+    pad it (Qwen2.5-VL: 151,936 rows for 151,669 tokens); a trained model never samples the padding
+    rows, but a random one samples one about every 570 tokens, and the rollout rightly fails an
+    episode that writes an id without a token."""
     processing = load_processing(shape.processing_preset)
+    if vocab_to_tokenizer:
+        shape = replace(shape, vocab_size=len(processing.tokenizer))
     config = random_init_config(shape, processing.tokenizer)
     torch.manual_seed(0)
     with torch.device(device):
@@ -580,6 +590,10 @@ def _roofline_fields(
     )
 
 
+def progress(batch: int, started: float, what: str) -> None:
+    print(f"batch {batch}: {what} ({time.perf_counter() - started:.1f} s)", file=sys.stderr, flush=True)
+
+
 async def run_benchmark(
     policy: Policy,
     batch_sizes: list[int],
@@ -609,22 +623,30 @@ async def run_benchmark(
     for batch in batch_sizes:
         runs = []
         options = engine_options(decode)
+        started = time.perf_counter()
+
         async with LocalEngine(policy, max_batch_size=batch, batch_wait_ms=1000.0, **options) as engine:
-            await _one_batch(engine, prompt_ids, [diagram(10_000)], 2)  # warm-up
+            progress(batch, started, "engine ready")
+            # Warm-up: a batch of the same size and length, so that the static loop's compiles and
+            # CUDA graph captures (one per batch and cache-length bucket) stay out of the timed runs.
+            await _one_batch(engine, prompt_ids, [diagram(10_000 + i) for i in range(batch)], new_tokens)
+            progress(batch, started, "warmed up")
             for repeat in range(repeats):
                 images = [diagram(repeat * batch + i) for i in range(batch)]
                 runs.append(await _one_batch(engine, prompt_ids, images, new_tokens))
+                progress(batch, started, f"timed run {repeat + 1} of {repeats}: {runs[-1][1]:.2f} s")
             assert engine.stats["max_batch_rows"] == batch, engine.stats
             prefill_seconds = decode_seconds = None
             if new_tokens > 1:
                 prefill_seconds, decode_seconds = await _decode_timing(
                     engine, prompt_ids, runs, batch, repeats
                 )
-            profiled = (
-                await profile_decode(engine, prompt_ids, batch, min(new_tokens, PROFILED_TOKENS), cuda)
-                if profile and new_tokens > 1
-                else None
-            )
+            profiled = None
+            if profile and new_tokens > 1:
+                profiled = await profile_decode(
+                    engine, prompt_ids, batch, min(new_tokens, PROFILED_TOKENS), cuda
+                )
+                progress(batch, started, "profiled")
             engine_stats = dict(engine.stats)
         seconds_per_run = [seconds for _, seconds, _ in runs]
         results = runs[0][0]

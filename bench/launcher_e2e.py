@@ -63,12 +63,17 @@ LOG_TAIL_LINES = 40
 
 def write_random_init_checkpoint(shape: Shape, target: Path, device: str) -> Path:
     """A checkpoint directory of random bf16 weights of ``shape`` (built on ``device``, saved from
-    there) with its preset's tokenizer and processor; an existing complete one is reused."""
+    there) with its preset's tokenizer and processor; an existing complete one is reused.
+
+    The embedding has one row per token of the tokenizer, not the released checkpoint's padded
+    count: the launcher's rollout cannot mask the padding rows out of a random model's samples as
+    bench/engine_rollout.py does, and would fail most episodes on them (267 rows: 0.015% of the 3B
+    shape's parameters)."""
     if (target / "config.json").is_file():
         return target
     staging = target.with_name(target.name + ".writing")
     shutil.rmtree(staging, ignore_errors=True)
-    policy = random_init_policy(shape, device, torch.bfloat16)
+    policy = random_init_policy(shape, device, torch.bfloat16, vocab_to_tokenizer=True)
     policy.model.save_pretrained(staging)
     policy.processor.save_pretrained(staging)
     policy.tokenizer.save_pretrained(staging)
@@ -248,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, extra = parse_args(argv)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if args.random_init_shape:
-        target = args.work_dir / "checkpoints" / f"random-init-{args.random_init_shape}"
+        target = args.work_dir / "checkpoints" / f"random-init-{args.random_init_shape}-tokenizer-vocab"
         print(f"random-init {args.random_init_shape}: checkpoint {target}", flush=True)
         model = str(write_random_init_checkpoint(SHAPES[args.random_init_shape], target, args.device))
         model_name = f"random-init {args.random_init_shape}"

@@ -5,7 +5,7 @@ both decode loops.
     python bench/static_decode_check.py --random-init-shape qwen2.5-vl-3b   # CUDA only
 
 1. ``decode="static"``, 64 slots of 2,048 tokens: for batch 1, 16 and 64, a warm-up batch of the
-   same size (16 tokens: compiles and captures the step for these sizes), then a timed batch of new
+   same size and length (compiles and captures every step it needs), then a timed batch of new
    448x448 diagrams, 256 tokens each at temperature 1 (EOS ignored): wall time, and the engine's own
    prefill and decode seconds (``engine.stats``; the decode time includes each step's host sync).
 2. The captured step alone: 50 replays at (rows, cache length) = (1, 384), (16, 384), (64, 384),
@@ -16,8 +16,9 @@ both decode loops.
    bf16 model): max, mean, p99 and the share above 0.1. The two loops sample different tokens once
    their bf16 logits differ, so each is compared with the trainer, not with the other.
 
-4. The prefill of 64 new images (one new token each), twice with transformers' SDPA vision
-   attention and twice with ``models.vision_attention.segmented_sdpa``.
+4. The prefill of 64 new images (one new token each, twice) and the vision tower alone on 64 new
+   images (three times), with transformers' SDPA vision attention and with
+   ``models.vision_attention.segmented_sdpa``; then step 1's batches of 16 and 64 with the latter.
 
 Prints JSON lines and writes ``$OUT/static_decode_check.json`` (``--output-dir``).
 """
@@ -54,7 +55,8 @@ async def _batch(engine, ids, n, new, seed0):
     )
     torch.cuda.synchronize()
     wall = time.perf_counter() - started
-    timing = {k: engine.stats[k] - before[k] for k in ("decode_seconds", "prefill_seconds", "decode_steps")}
+    keys = ("decode_seconds", "prefill_seconds", "decode_steps", "graph_capture_seconds")
+    timing = {k: engine.stats.get(k, 0) - before.get(k, 0) for k in keys}
     return results, images, wall, sum(len(r.token_ids) for r in results), timing
 
 
@@ -70,25 +72,64 @@ def _replay_ms(decoder, rows, length, n=50):
     return start.elapsed_time(end) / n
 
 
+def _tower_seconds(policy, batch: int, seed0: int) -> float:
+    """Seconds of the vision tower alone on ``batch`` new images (processed before the timer)."""
+    images = [diagram(seed0 + i) for i in range(batch)]
+    processed = policy.processor.image_processor(images=images, return_tensors="pt")
+    pixel_values, grid = processed["pixel_values"].cuda(), processed["image_grid_thw"].cuda()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with torch.no_grad():
+        policy.model.get_image_features(pixel_values, grid)
+    torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+async def _end_to_end(engine, ids, n: int, seed0: int) -> dict:
+    """A warm-up batch of ``n`` (the same length: every graph it needs is captured), then a timed
+    batch of new diagrams, 256 tokens each."""
+    await _batch(engine, ids, n, 256, seed0 + 500)
+    _, _, wall, generated, timing = await _batch(engine, ids, n, 256, seed0)
+    return dict(
+        batch=n,
+        wall=wall,
+        tok_s=generated / wall,
+        decode_tok_s=generated / timing["decode_seconds"],
+        **timing,
+        ms_per_step=1000 * timing["decode_seconds"] / timing["decode_steps"],
+    )
+
+
 async def _vision_attention_ab(policy, ids, batch: int = 64, runs: int = 2) -> dict:
-    """Prefill seconds of a batch of new images (one new token each) with transformers' SDPA vision
-    attention (one call per window), then with ``segmented_sdpa`` (one call per window size)."""
+    """transformers' SDPA vision attention (one call per window), then ``segmented_sdpa`` (one call
+    per window size): the prefill seconds of a batch of new images (one new token each), the vision
+    tower's seconds alone, and end-to-end batches of 16 and 64 with the segmented attention."""
     from models.vision_attention import use_segmented_vision_attention
 
-    seconds: dict[str, list[float]] = {"sdpa": [], "segmented": []}
-    async with LocalEngine(policy, decode="static", max_batch_size=batch, max_seq_len=2048) as engine:
+    results: dict = {}
+    async with LocalEngine(policy, decode="static", max_batch_size=batch, max_seq_len=2048, seed=0) as engine:
         await _batch(engine, ids, batch, 1, 50_000)  # warm-up
         for name in ("sdpa", "segmented"):
             if name == "segmented":
                 assert use_segmented_vision_attention(policy.model)
                 await _batch(engine, ids, batch, 1, 55_000)  # warm-up of the new kernels
+            prefill = []
             for run in range(runs):
                 _, _, _, _, timing = await _batch(
                     engine, ids, batch, 1, 60_000 + 1000 * run + (name == "sdpa") * 500
                 )
-                seconds[name].append(timing["prefill_seconds"])
-    print("vision attention, prefill seconds of", batch, "new images:", json.dumps(seconds), flush=True)
-    return seconds
+                prefill.append(timing["prefill_seconds"])
+            tower = [
+                _tower_seconds(policy, batch, 70_000 + 1000 * run + (name == "sdpa") * 500)
+                for run in range(3)
+            ]
+            results[name] = {"prefill_seconds": prefill, "vision_tower_seconds": tower}
+            print(f"vision attention {name}, {batch} new images:", json.dumps(results[name]), flush=True)
+        for n in (16, 64):
+            row = await _end_to_end(engine, ids, n, 80_000 + 1000 * n)
+            print("segmented", json.dumps(row), flush=True)
+            results[f"static-segmented-{n}"] = row
+    return results
 
 
 async def main(shape: str, output_dir: Path) -> dict:
@@ -99,20 +140,17 @@ async def main(shape: str, output_dir: Path) -> dict:
     text = policy.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = policy.tokenizer(text)["input_ids"]
     results: dict = {"card": torch.cuda.get_device_name(), "shape": shape, "prompt_ids": len(ids)}
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each part: a run stopped part-way keeps what it measured
+        (output_dir / "static_decode_check.json").write_text(json.dumps(results, indent=1))
+
     async with LocalEngine(policy, decode="static", max_batch_size=64, max_seq_len=2048, seed=0) as engine:
         for n in (1, 16, 64):
-            await _batch(engine, ids, n, 16, 10_000 + n)
-            _, _, wall, generated, timing = await _batch(engine, ids, n, 256, 1000 * n)
-            row = dict(
-                batch=n,
-                wall=wall,
-                tok_s=generated / wall,
-                decode_tok_s=generated / timing["decode_seconds"],
-                **timing,
-                ms_per_step=1000 * timing["decode_seconds"] / timing["decode_steps"],
-            )
+            row = await _end_to_end(engine, ids, n, 1000 * n)
             print(json.dumps(row), flush=True)
             results[f"static-{n}"] = row
+        save()
         decoder = engine._decoder
         for rows, length in ((1, 384), (16, 384), (64, 384), (64, 512)):
             ms = _replay_ms(decoder, rows, length)
@@ -174,9 +212,9 @@ async def main(shape: str, output_dir: Path) -> dict:
         )
         print("mismatch", mode, json.dumps(mismatch), flush=True)
         results[f"mismatch-{mode}"] = mismatch
+        save()
     results["vision_attention"] = await _vision_attention_ab(policy, ids)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "static_decode_check.json").write_text(json.dumps(results, indent=1))
+    save()
     return results
 
 

@@ -73,7 +73,7 @@ def test_a_random_init_checkpoint_directory_loads_with_the_same_weights(tmp_path
     assert not target.with_name(target.name + ".writing").exists()
 
     loaded = load_policy(target, device="cpu", dtype=torch.bfloat16)
-    built = random_init_policy(SMALL_3B_SHAPE, "cpu", torch.bfloat16)
+    built = random_init_policy(SMALL_3B_SHAPE, "cpu", torch.bfloat16, vocab_to_tokenizer=True)
     saved, expected = loaded.model.state_dict(), built.model.state_dict()
     assert saved.keys() == expected.keys()
     assert all(torch.equal(saved[key], expected[key]) for key in expected)
@@ -84,6 +84,8 @@ def test_a_random_init_checkpoint_directory_loads_with_the_same_weights(tmp_path
     assert loaded.family == "qwen2.5-vl"
     assert loaded.tokenizer.chat_template == preset.tokenizer.chat_template
     assert len(loaded.tokenizer) == len(preset.tokenizer)
+    # One embedding row per token: a random model samples no id the rollout would refuse.
+    assert loaded.model.get_input_embeddings().num_embeddings == len(preset.tokenizer) < SMALL_3B_SHAPE.vocab_size
 
     # A complete directory is reused as it is.
     written = (target / "config.json").stat().st_mtime_ns
