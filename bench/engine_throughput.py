@@ -69,6 +69,7 @@ if str(HERE.parent) not in sys.path:
 
 from models import Policy, load_processing  # noqa: E402
 from models.tiny import MODEL_CLASSES  # noqa: E402
+from models.vision_attention import use_default_vision_attention  # noqa: E402
 from rollout.engines.local import LocalEngine  # noqa: E402
 
 IMAGE_SIZE = 448
@@ -304,6 +305,7 @@ def random_init_policy(
     with torch.device(device):
         model = MODEL_CLASSES[shape.family]._from_config(config, dtype=dtype)
     model.generation_config.eos_token_id = config.text_config.eos_token_id
+    use_default_vision_attention(model)  # as load_policy does
     processing.model = model.eval()
     return processing
 

@@ -18,7 +18,8 @@ both decode loops.
 
 4. The prefill of 64 new images (one new token each, twice) and the vision tower alone on 64 new
    images (three times), with transformers' SDPA vision attention and with
-   ``models.vision_attention.segmented_sdpa``; then step 1's batches of 16 and 64 with the latter.
+   ``models.vision_attention.segmented_sdpa`` (what ``load_policy`` uses on CUDA, and steps 1-3
+   too); with the former also step 1's batches of 16 and 64.
 
 Prints JSON lines and writes ``$OUT/static_decode_check.json`` (``--output-dir``).
 """
@@ -102,17 +103,19 @@ async def _end_to_end(engine, ids, n: int, seed0: int) -> dict:
 
 async def _vision_attention_ab(policy, ids, batch: int = 64, runs: int = 2) -> dict:
     """transformers' SDPA vision attention (one call per window), then ``segmented_sdpa`` (one call
-    per window size): the prefill seconds of a batch of new images (one new token each), the vision
-    tower's seconds alone, and end-to-end batches of 16 and 64 with the segmented attention."""
-    from models.vision_attention import use_segmented_vision_attention
+    per window size, the default on CUDA): the prefill seconds of a batch of new images (one new
+    token each) and the vision tower's seconds alone; with the former also the end-to-end batches
+    of 16 and 64 that step 1 measured with the latter."""
+    from models.vision_attention import use_segmented_vision_attention, use_transformers_vision_attention
 
     results: dict = {}
     async with LocalEngine(policy, decode="static", max_batch_size=batch, max_seq_len=2048, seed=0) as engine:
-        await _batch(engine, ids, batch, 1, 50_000)  # warm-up
         for name in ("sdpa", "segmented"):
-            if name == "segmented":
+            if name == "sdpa":
+                use_transformers_vision_attention(policy.model)
+            else:
                 assert use_segmented_vision_attention(policy.model)
-                await _batch(engine, ids, batch, 1, 55_000)  # warm-up of the new kernels
+            await _batch(engine, ids, batch, 1, 50_000 + (name == "sdpa") * 500)  # warm-up
             prefill = []
             for run in range(runs):
                 _, _, _, _, timing = await _batch(
@@ -125,10 +128,11 @@ async def _vision_attention_ab(policy, ids, batch: int = 64, runs: int = 2) -> d
             ]
             results[name] = {"prefill_seconds": prefill, "vision_tower_seconds": tower}
             print(f"vision attention {name}, {batch} new images:", json.dumps(results[name]), flush=True)
-        for n in (16, 64):
-            row = await _end_to_end(engine, ids, n, 80_000 + 1000 * n)
-            print("segmented", json.dumps(row), flush=True)
-            results[f"static-segmented-{n}"] = row
+            if name == "sdpa":
+                for n in (16, 64):
+                    row = await _end_to_end(engine, ids, n, 80_000 + 1000 * n)
+                    print("transformers' SDPA vision attention", json.dumps(row), flush=True)
+                    results[f"static-sdpa-{n}"] = row
     return results
 
 

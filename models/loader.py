@@ -24,6 +24,7 @@ from models.chat_templates import chat_template
 from models.processors import PROCESSOR_CLASSES, build_processor
 from models.qwen_vocab import VOCABULARIES, build_full_vocab_tokenizer, build_small_vocab_tokenizer
 from models.tiny import MODEL_CLASSES, build_tiny_model
+from models.vision_attention import use_default_vision_attention
 
 # Bump when a preset's build changes, so stale caches are rebuilt rather than silently reused.
 BUILD_VERSION = 1
@@ -70,7 +71,9 @@ class PolicyNotFound(FileNotFoundError):
 
 def build_tokenizer(preset: Preset) -> Qwen2Tokenizer:
     vocab = VOCABULARIES[preset.vocabulary]
-    backend = build_small_vocab_tokenizer(vocab=vocab) if preset.small_vocab else build_full_vocab_tokenizer(vocab)
+    backend = (
+        build_small_vocab_tokenizer(vocab=vocab) if preset.small_vocab else build_full_vocab_tokenizer(vocab)
+    )
     tokenizer = Qwen2Tokenizer(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = chat_template(preset.template)
     return tokenizer
@@ -159,10 +162,12 @@ def load_policy(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> Policy:
-    """Tokenizer, processor and model. bf16 on GPU, fp32 on CPU unless ``dtype`` says otherwise."""
+    """Tokenizer, processor and model. bf16 on GPU, fp32 on CPU unless ``dtype`` says otherwise; on
+    a GPU the vision tower attends through ``models.vision_attention.segmented_sdpa``."""
     policy = load_processing(name_or_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or default_dtype(device)
     model = MODEL_CLASSES[policy.family].from_pretrained(policy.path, dtype=dtype)
     policy.model = model.to(device).eval()
+    use_default_vision_attention(policy.model)
     return policy
