@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image, ImageDraw
 from transformers import AttentionInterface
 
 from models import load_policy, vision_attention
-from models.vision_attention import NAME, segmented_sdpa, use_segmented_vision_attention
+from models.vision_attention import (
+    NAME,
+    segmented_sdpa,
+    use_default_vision_attention,
+    use_segmented_vision_attention,
+    use_transformers_vision_attention,
+)
 
 
 def _images() -> list[Image.Image]:
@@ -84,3 +92,38 @@ def test_without_segments_it_is_sdpa_and_other_implementations_are_left_alone(qw
 
     assert not use_segmented_vision_attention(Model())
     assert Model.config.vision_config._attn_implementation == "flash_attention_2"
+
+
+def _model_on(device: str, attention: str):
+    """A stand-in with a vision config and one parameter reporting ``device`` (no GPU needed)."""
+
+    class Config:
+        vision_config = type("VisionConfig", (), {"_attn_implementation": attention})()
+
+    class Model:
+        config = Config()
+
+        def parameters(self):
+            return iter([SimpleNamespace(device=torch.device(device))])
+
+    return Model()
+
+
+def test_the_default_is_segmented_on_cuda_only_and_can_be_undone():
+    on_gpu = _model_on("cuda", "sdpa")
+    assert use_default_vision_attention(on_gpu)
+    assert on_gpu.config.vision_config._attn_implementation == NAME
+    assert use_transformers_vision_attention(on_gpu)
+    assert on_gpu.config.vision_config._attn_implementation == "sdpa"
+    assert not use_transformers_vision_attention(on_gpu)  # nothing to undo
+
+    on_cpu = _model_on("cpu", "sdpa")
+    assert not use_default_vision_attention(on_cpu)
+    assert on_cpu.config.vision_config._attn_implementation == "sdpa"
+    flash = _model_on("cuda", "flash_attention_2")
+    assert not use_default_vision_attention(flash)  # a packed-sequence kernel already
+    assert flash.config.vision_config._attn_implementation == "flash_attention_2"
+
+
+def test_load_policy_keeps_transformers_attention_on_cpu(qwen25_small_policy):
+    assert qwen25_small_policy.model.config.vision_config._attn_implementation == "sdpa"
