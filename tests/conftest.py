@@ -9,7 +9,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
+
+# Property tests draw the same examples on every run, so the suite's outcome depends on the code
+# alone; HYPOTHESIS_PROFILE=explore draws new ones (to look for failures, not to gate a change).
+settings.register_profile("suite", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 hf_logging.disable_progress_bar()

@@ -9,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from envs.tool_calls import (
+    CLOSE_TAG,
     MAX_BLOCK_CHARS,
     MAX_BLOCKS,
+    OPEN_TAG,
     ToolCallErrorKind,
     ToolSpec,
     call_form_for,
@@ -434,9 +436,17 @@ def test_xml_oversized_block_is_rejected_without_decoding() -> None:
 
 _NAMES = st.text(st.characters(blacklist_characters="<>\n\r", blacklist_categories=("Cs",)), min_size=1,
                  max_size=12).filter(lambda s: s.strip() == s and s)
+# A value cannot hold the closing tag of its element nor the block's tags: the scanner reads a
+# block by its tags (an opening tag before the close makes the earlier one stray).
 _VALUES = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40).filter(
-    lambda s: "</parameter>" not in s
+    lambda s: not any(tag in s for tag in ("</parameter>", OPEN_TAG, CLOSE_TAG))
 )  # fmt: skip
+
+
+def test_a_value_holding_the_opening_tag_makes_the_first_tag_stray() -> None:
+    result = parse_tool_call(format_call("calc_score", {"answer": OPEN_TAG}, "xml"), TOOLS, form="xml")
+    assert result.call is None and result.error is not None
+    assert result.error.kind is K.INVALID_XML and result.stray_open_tags == 1
 
 
 @settings(max_examples=200, deadline=None)
