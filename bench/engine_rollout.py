@@ -45,7 +45,7 @@ if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
 from bench.engine_throughput import (  # noqa: E402
-    SHAPES,
+    add_policy_arguments,
     diagram,
     engine_options,
     git_commit,
@@ -211,18 +211,7 @@ def markdown(rows: list[dict]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="tiny-qwen2.5-vl", help="a preset name or a checkpoint directory")
-    parser.add_argument(
-        "--random-init-shape", choices=sorted(SHAPES), default=None, help="random weights of this shape"
-    )
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument(
-        "--decode",
-        choices=["eager", "static", "auto"],
-        default=None,
-        help="the engine's decode path (default: its own)",
-    )
+    add_policy_arguments(parser)
     parser.add_argument(
         "--max-batch-size", type=int, default=None, help="engine batch rows (default: --episodes)"
     )

@@ -277,6 +277,23 @@ def bench_policy(
     return load_policy(model, device=device, dtype=dtype), model
 
 
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine benchmarks' model and engine arguments, read by ``policy_from_args`` and
+    ``engine_options``: --model, --random-init-shape, --device, --dtype, --decode."""
+    parser.add_argument("--model", default="tiny-qwen2.5-vl", help="a preset name or a checkpoint directory")
+    parser.add_argument(
+        "--random-init-shape", choices=sorted(SHAPES), default=None, help="random weights of this shape"
+    )
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--decode",
+        choices=["eager", "static", "auto"],
+        default=None,
+        help="the engine's decode path (default: its own)",
+    )
+
+
 def policy_from_args(args) -> tuple[Policy, str, str, torch.dtype]:
     """``bench_policy`` for a benchmark's ``--model``, ``--random-init-shape``, ``--device`` and
     ``--dtype``: the policy, its name, the device and the dtype it was built with."""
@@ -626,7 +643,6 @@ async def run_benchmark(
         runs = []
         options = engine_options(decode)
         started = time.perf_counter()
-
         async with LocalEngine(policy, max_batch_size=batch, batch_wait_ms=1000.0, **options) as engine:
             progress(batch, started, "engine ready")
             # Warm-up: a batch of the same size and length, so that the static loop's compiles and
@@ -786,23 +802,12 @@ def machine(device: str) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="tiny-qwen2.5-vl", help="a preset name or a checkpoint directory")
-    parser.add_argument(
-        "--random-init-shape", choices=sorted(SHAPES), default=None, help="random weights of this shape"
-    )
+    add_policy_arguments(parser)
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument(
         "--baseline-generate", action="store_true", help="also time transformers' model.generate per batch"
-    )
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument(
-        "--decode",
-        choices=["eager", "static", "auto"],
-        default=None,
-        help="the engine's decode path (default: its own)",
     )
     parser.add_argument(
         "--bandwidth-gbs",

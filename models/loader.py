@@ -71,9 +71,7 @@ class PolicyNotFound(FileNotFoundError):
 
 def build_tokenizer(preset: Preset) -> Qwen2Tokenizer:
     vocab = VOCABULARIES[preset.vocabulary]
-    backend = (
-        build_small_vocab_tokenizer(vocab=vocab) if preset.small_vocab else build_full_vocab_tokenizer(vocab)
-    )
+    backend = build_small_vocab_tokenizer(vocab=vocab) if preset.small_vocab else build_full_vocab_tokenizer(vocab)
     tokenizer = Qwen2Tokenizer(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.chat_template = chat_template(preset.template)
     return tokenizer

@@ -11,10 +11,10 @@ transformers hands ``cu_seqlens`` only to attention implementations whose name c
 (``is_flash_attention_requested``), hence the registered name. The arithmetic is SDPA's, segment
 by segment, as before; gradients flow through it as through SDPA.
 
-``load_policy`` switches it on for models on CUDA: on an H200, the vision tower of Qwen2.5-VL-3B's
-shape took 0.57-0.65 s instead of 1.78-2.31 s for 64 new 448x448 images, and the engine's prefill
-of them 0.97-1.01 s instead of 2.25-2.40 s (``bench/static_decode_check.py``). On a CPU, where a
-call costs little beside its arithmetic, transformers' own choice stays.
+``load_policy`` switches it on for models on CUDA: on an H200 (two leases), the vision tower of
+Qwen2.5-VL-3B's shape took 0.57-0.72 s instead of 1.78-3.09 s for 64 new 448x448 images, and the
+engine's prefill of them 0.97-1.06 s instead of 2.25-3.39 s (``bench/static_decode_check.py``). On
+a CPU, where a call costs little beside its arithmetic, transformers' own choice stays.
 """
 
 from __future__ import annotations

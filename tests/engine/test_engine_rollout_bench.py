@@ -63,18 +63,23 @@ def test_image_observations_run_through_the_rollout(tmp_path):
     assert report["observation"] == "image and text"
 
 
+def _last_logits_masked(bench, policy, input_ids) -> torch.Tensor:
+    """The last position's logits with ``forbid_vision_tokens``'s hook on, removed afterwards."""
+    handle = bench.forbid_vision_tokens(policy)
+    try:
+        with torch.no_grad():
+            return policy.model(input_ids=input_ids).logits[0, -1]
+    finally:
+        handle.remove()
+
+
 def test_vision_tokens_are_masked_out_of_the_logits_until_the_hook_is_removed(qwen25_policy):
     bench = _bench_module()
     tokenizer, model = qwen25_policy.tokenizer, qwen25_policy.model
     vision = [tokenizer.convert_tokens_to_ids(token) for token in bench.VISION_TOKENS]
     vision += list(range(len(tokenizer), model.get_output_embeddings().out_features))  # rows with no token
     input_ids = torch.tensor([tokenizer("Find x.")["input_ids"]])
-    handle = bench.forbid_vision_tokens(qwen25_policy)
-    try:
-        with torch.no_grad():
-            masked = model(input_ids=input_ids).logits[0, -1]
-    finally:
-        handle.remove()
+    masked = _last_logits_masked(bench, qwen25_policy, input_ids)
     with torch.no_grad():
         plain = model(input_ids=input_ids).logits[0, -1]
     assert torch.isneginf(masked[vision]).all()
@@ -101,11 +106,6 @@ def test_embedding_rows_past_the_tokenizer_are_masked_too(qwen25_policy):
     model = qwen25_policy.model
     policy = SimpleNamespace(model=model, tokenizer=ShorterTokenizer(qwen25_policy.tokenizer))
     input_ids = torch.tensor([qwen25_policy.tokenizer("Find x.")["input_ids"]])
-    handle = bench.forbid_vision_tokens(policy)
-    try:
-        with torch.no_grad():
-            masked = model(input_ids=input_ids).logits[0, -1]
-    finally:
-        handle.remove()
+    masked = _last_logits_masked(bench, policy, input_ids)
     assert torch.isneginf(masked[-5:]).all()
     assert torch.isfinite(masked[-6])
